@@ -1,0 +1,16 @@
+# Dependencies, all from Debian 12 packages (scripts/install-deps.sh installs them).
+# Public headers need only fmt; the rest stays private to the compiled library or the tools.
+find_package(fmt 9 REQUIRED)
+find_package(Threads REQUIRED)
+find_package(OpenMP REQUIRED COMPONENTS CXX)
+find_package(nlohmann_json 3.10 REQUIRED)
+if(MOQE_BUILD_TOOLS OR MOQE_BUILD_EXAMPLES)
+  find_package(CLI11 2 REQUIRED)
+endif()
+if(MOQE_BUILD_TESTS)
+  find_package(Catch2 2.13 REQUIRED)
+endif()
+if(MOQE_BUILD_BENCH)
+  find_package(benchmark REQUIRED)
+  find_package(Eigen3 3.4 REQUIRED NO_MODULE)
+endif()

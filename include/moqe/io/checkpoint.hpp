@@ -1,0 +1,52 @@
+// A checkpoint: one safetensors file, or a set of shards tied by model.safetensors.index.json
+// (Hugging Face sharding). Tensors are looked up by name across shards.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moqe/io/safetensors.hpp"
+
+namespace moqe {
+
+class Checkpoint {
+ public:
+  // `path` is a .safetensors file, a model.safetensors.index.json, or a directory holding either
+  // an index (sharded) or .safetensors files (all are opened; a tensor name present in two files
+  // is an error naming both). A shard named by the index but missing is an error naming the
+  // shard and the index; so is a tensor the index places in a shard that does not hold it. Shard
+  // paths must be relative and stay inside the index's directory. Tensors a shard holds but the
+  // index does not list are still accessible.
+  explicit Checkpoint(const std::filesystem::path& path);
+
+  const std::filesystem::path& path() const { return path_; }
+  const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
+  // All tensor names, sorted.
+  std::vector<std::string> tensor_names() const;
+  size_t size() const { return where_.size(); }
+  bool contains(std::string_view name) const;
+  // Throws moqe::Error naming the tensor and the checkpoint when absent.
+  const SafetensorsFile& file_of(std::string_view name) const;
+  const TensorInfo& info(std::string_view name) const { return file_of(name).info(name); }
+  std::span<const std::byte> bytes(std::string_view name) const {
+    return file_of(name).bytes(name);
+  }
+  std::vector<float> to_float(std::string_view name) const { return file_of(name).to_float(name); }
+  // The __metadata__ of all files merged. A key with different values in two files keeps the
+  // value of the first file in files() order (shards of one checkpoint repeat the same keys).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  void add_file(const std::filesystem::path& file);
+  std::filesystem::path path_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t, std::less<>> where_;  // tensor name -> index in files_
+  std::map<std::string, std::string> metadata_;
+};
+
+}  // namespace moqe

@@ -1,0 +1,89 @@
+// Whole-checkpoint conversion, shared by the `moqe` tool and applications: quantize the matching
+// 2-D weights of a checkpoint into moqe's format (copying everything else through unchanged), or
+// dequantize a moqe checkpoint back to F32.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moqe/io/checkpoint.hpp"
+#include "moqe/quant/adaptive.hpp"
+
+namespace moqe {
+
+// How each matrix's group size is chosen.
+enum class GroupPolicy {
+  kDefault,     // 128 where it divides K, else per-channel
+  kFixed,       // ConvertOptions::group_size; a K it does not divide is an error naming the tensor
+  kPerChannel,  // G = K
+  kAdaptive,    // moqe's adaptive rule (quant/adaptive.hpp)
+};
+
+// Expert weights of the known MoE families (Mixtral w1/w2/w3, Qwen2/3-MoE, OLMoE and DeepSeek
+// gate/up/down_proj, Switch wi/wo). Routers, norms, embeddings, attention and shared experts do
+// not match.
+std::string_view default_include_regex();
+
+struct ConvertOptions {
+  int bits = 4;
+  QuantMode mode = QuantMode::kSym;
+  ScaleType scale_type = ScaleType::kF16;
+  GroupPolicy group_policy = GroupPolicy::kDefault;
+  int64_t group_size = 128;  // for kFixed
+  AdaptiveOptions adaptive;  // for kAdaptive
+  std::string include_regex{default_include_regex()};  // ECMAScript, searched in the name
+  std::string exclude_regex;                            // empty: exclude nothing
+  int num_threads = 0;
+};
+
+struct TensorReport {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string input_dtype;
+  bool quantized = false;
+  QuantScheme scheme;          // when quantized
+  int64_t group_size = 0;      // resolved, when quantized
+  ErrorStats error;            // when quantized
+  int64_t bytes_in = 0;
+  int64_t bytes_out = 0;
+  double bits_per_weight = 0;  // exact, from bytes_out
+  std::string note;            // why a matching tensor was not quantized, or adaptive detail
+};
+
+struct ConvertReport {
+  std::vector<TensorReport> tensors;
+  int64_t bytes_in = 0;
+  int64_t bytes_out = 0;
+  int64_t quantized_count = 0;
+  int64_t quantized_bytes_in = 0;   // bytes of the quantized tensors before
+  int64_t quantized_bytes_out = 0;  // and after
+  double seconds = 0;
+};
+
+struct ConvertProgress {
+  size_t index = 0;  // tensors done so far
+  size_t total = 0;
+  std::string_view name;  // the tensor being processed
+};
+using ProgressFn = std::function<void(const ConvertProgress&)>;
+
+// Quantizes `input` into `output` (one safetensors file, written atomically). Throws moqe::Error
+// (and leaves no output) on any failure: a bad regex, a NaN weight, a group size that does not
+// divide K, an unreadable tensor.
+ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
+                                  const ConvertOptions& options, const ProgressFn& progress = {});
+
+// Writes every moqe-quantized weight of `input` as an F32 tensor of its original name; other
+// tensors are copied through unchanged and moqe's metadata keys are dropped.
+ConvertReport dequantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
+                                    int num_threads = 0, const ProgressFn& progress = {});
+
+// The report as JSON (what `moqe quantize --report` writes).
+std::string report_to_json(const ConvertReport& report);
+
+}  // namespace moqe

@@ -1,0 +1,290 @@
+#include "commands.hpp"
+
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moqe/core/error.hpp"
+#include "moqe/io/checkpoint.hpp"
+#include "moqe/io/convert.hpp"
+#include "moqe/io/quantized_format.hpp"
+#include "table.hpp"
+
+namespace moqe::cli {
+namespace {
+
+// A one-line progress display on stderr, redrawn in place; silent when stderr is not a terminal
+// (logs get the final table instead).
+class Progress {
+ public:
+  explicit Progress(bool enabled) : enabled_(enabled && isatty(STDERR_FILENO)) {}
+  ~Progress() { clear(); }
+  void operator()(const ConvertProgress& p) {
+    if (!enabled_) return;
+    std::string line = fmt::format("[{:>4}/{}] {}", p.index + (p.index < p.total), p.total, p.name);
+    if (line.size() > 100) line = line.substr(0, 97) + "...";
+    std::fprintf(stderr, "\r\033[K%s", line.c_str());
+    std::fflush(stderr);
+    drawn_ = true;
+  }
+  void clear() {
+    if (drawn_) std::fprintf(stderr, "\r\033[K");
+    drawn_ = false;
+  }
+
+ private:
+  bool enabled_;
+  bool drawn_ = false;
+};
+
+std::string ratio(int64_t before, int64_t after) {
+  return after > 0 ? fmt::format("{:.2f}x smaller", static_cast<double>(before) / after) : "-";
+}
+
+std::string sqnr_str(double db) { return std::isfinite(db) ? fmt::format("{:.2f}", db) : "inf"; }
+
+void print_quantize_report(const ConvertReport& r, const std::filesystem::path& out) {
+  Table t({"tensor", "shape", "in", "scheme", "G", "rel.err", "max.abs", "SQNR dB", "bits/w",
+           "bytes in", "bytes out"},
+          {false, false, false, false, true, true, true, true, true, true, true});
+  int64_t copied = 0, copied_bytes = 0;
+  for (const TensorReport& x : r.tensors) {
+    if (!x.quantized) {
+      if (!x.note.empty()) {
+        t.add_row({x.name, shape_str(x.shape), x.input_dtype, x.note, "", "", "", "", "",
+                   human_bytes(x.bytes_in), human_bytes(x.bytes_out)});
+      }
+      ++copied;
+      copied_bytes += x.bytes_in;
+      continue;
+    }
+    t.add_row({x.name, shape_str(x.shape), x.input_dtype,
+               fmt::format("int{} {}", x.scheme.bits, to_string(x.scheme.mode)),
+               x.group_size == x.shape.back() ? "channel" : std::to_string(x.group_size),
+               fmt::format("{:.5f}", x.error.rel_frobenius), fmt::format("{:.4g}", x.error.max_abs),
+               sqnr_str(x.error.sqnr_db), fmt::format("{:.3f}", x.bits_per_weight),
+               human_bytes(x.bytes_in), human_bytes(x.bytes_out)});
+  }
+  std::fputs(t.render().c_str(), stdout);
+  std::printf("quantized %lld tensors: %s -> %s (%s)\n", static_cast<long long>(r.quantized_count),
+              human_bytes(r.quantized_bytes_in).c_str(), human_bytes(r.quantized_bytes_out).c_str(),
+              ratio(r.quantized_bytes_in, r.quantized_bytes_out).c_str());
+  std::printf("copied %lld tensors unchanged (%s)\n", static_cast<long long>(copied),
+              human_bytes(copied_bytes).c_str());
+  std::printf("total: %s -> %s (%s) in %.1f s; wrote %s\n", human_bytes(r.bytes_in).c_str(),
+              human_bytes(r.bytes_out).c_str(), ratio(r.bytes_in, r.bytes_out).c_str(), r.seconds,
+              out.string().c_str());
+}
+
+// Writes text to path through a temporary file and a rename, like the checkpoint writer.
+void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
+  const std::filesystem::path tmp =
+      path.parent_path() / fmt::format(".{}.tmp.{}", path.filename().string(), getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << text;
+    f.close();
+    if (!f) {
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      MOQE_FAIL("cannot write report {}", path.string());
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    MOQE_FAIL("cannot write report {}: {}", path.string(), ec.message());
+  }
+}
+
+}  // namespace
+
+void add_inspect(CLI::App& app, Action& action) {
+  struct Opts {
+    std::vector<std::string> files;
+    bool raw = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("inspect", "List tensors, dtypes, shapes, bytes and schemes");
+  cmd->add_option("FILE", o->files,
+                  "safetensors file, model.safetensors.index.json, or checkpoint directory")
+      ->required();
+  cmd->add_flag("--raw", o->raw, "list the stored parts of quantized weights separately");
+  cmd->callback([&action, o] {
+    action = [o] {
+      for (const std::string& path : o->files) {
+        const Checkpoint ckpt(path);
+        const auto& meta = ckpt.metadata();
+        const auto fmt_it = meta.find(std::string(kFormatKey));
+        Table t({"tensor", "dtype", "shape", "bytes", "scheme"},
+                {false, false, false, true, false});
+        int64_t total = 0;
+        for (const std::string& name : ckpt.tensor_names()) {
+          const TensorInfo& info = ckpt.info(name);
+          total += static_cast<int64_t>(info.nbytes());
+          if (!o->raw && is_companion_tensor(ckpt, name)) continue;
+          t.add_row({name, std::string(dtype_name(info.dtype)), shape_str(info.shape),
+                     std::to_string(info.nbytes()), ""});
+        }
+        if (!o->raw) {
+          for (const std::string& name : quantized_weight_names(ckpt)) {
+            const QuantizedMatrix q = load_quantized(ckpt, name);
+            t.add_row({name, "moqe", shape_str({q.rows(), q.cols()}),
+                       std::to_string(q.storage_bytes()),
+                       fmt::format("{} ({:.3f} bits/w)", q.scheme().to_string(),
+                                   q.bits_per_weight())});
+          }
+        }
+        std::printf("%s: %zu tensors, %s%s\n", path.c_str(), ckpt.size(),
+                    human_bytes(total).c_str(),
+                    fmt_it != meta.end() ? fmt::format(", moqe format {}", fmt_it->second).c_str()
+                                         : "");
+        std::fputs(t.render().c_str(), stdout);
+        if (o->raw) {
+          for (const std::string& name : quantized_weight_names(ckpt)) {
+            const QuantizedMatrix q = load_quantized(ckpt, name);
+            std::printf("quantized %s [%lld, %lld]: %s (%.3f bits/w)\n", name.c_str(),
+                        static_cast<long long>(q.rows()), static_cast<long long>(q.cols()),
+                        q.scheme().to_string().c_str(), q.bits_per_weight());
+          }
+        }
+      }
+      return 0;
+    };
+  });
+}
+
+void add_quantize(CLI::App& app, Action& action) {
+  struct Opts {
+    std::string input, output, mode = "sym", group = "default", scale = "f16", report;
+    std::string include{default_include_regex()}, exclude;
+    int bits = 0, threads = 0;
+    double tau = 0.10;
+    std::optional<double> budget;
+    bool quiet = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("quantize", "Quantize the expert weights of a checkpoint");
+  cmd->add_option("--input", o->input, "safetensors file, index json or checkpoint directory")
+      ->required();
+  cmd->add_option("--output", o->output, "output .safetensors file (written atomically)")
+      ->required();
+  cmd->add_option("--bits", o->bits, "bit width: 2, 3, 4 or 8")->required();
+  cmd->add_option("--mode", o->mode, "sym | sym_full | asym")->capture_default_str();
+  cmd->add_option("--group-size", o->group,
+                  "G (a multiple of 32 dividing K), channel, adaptive, or default (128 where it "
+                  "divides K, else channel)")
+      ->capture_default_str();
+  cmd->add_option("--scale-dtype", o->scale, "f16 | f32")->capture_default_str();
+  cmd->add_option("--tau", o->tau, "adaptive: relative error slack over the finest group")
+      ->capture_default_str();
+  cmd->add_option("--error-budget", o->budget,
+                  "adaptive: largest group with relative Frobenius error <= this");
+  cmd->add_option("--include", o->include, "regex of tensor names to quantize")
+      ->capture_default_str();
+  cmd->add_option("--exclude", o->exclude, "regex of tensor names never to quantize");
+  cmd->add_option("--report", o->report, "write a JSON report of every tensor to this file");
+  cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--quiet", o->quiet, "no progress display and no table");
+  cmd->callback([&action, o] {
+    action = [o] {
+      ConvertOptions c;
+      c.bits = o->bits;
+      auto mode = parse_quant_mode(o->mode);
+      MOQE_CHECK(mode.has_value(), "unknown --mode '{}'; supported: sym, sym_full, asym", o->mode);
+      c.mode = *mode;
+      auto scale = parse_scale_type(o->scale);
+      MOQE_CHECK(scale.has_value(), "unknown --scale-dtype '{}'; supported: f16, f32", o->scale);
+      c.scale_type = *scale;
+      if (o->group == "default") {
+        c.group_policy = GroupPolicy::kDefault;
+      } else if (o->group == "channel") {
+        c.group_policy = GroupPolicy::kPerChannel;
+      } else if (o->group == "adaptive") {
+        c.group_policy = GroupPolicy::kAdaptive;
+      } else {
+        c.group_policy = GroupPolicy::kFixed;
+        size_t used = 0;
+        long long g = 0;
+        try {
+          g = std::stoll(o->group, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        MOQE_CHECK(used == o->group.size() && g > 0 && g % kGroupQuantum == 0,
+                   "invalid --group-size '{}': use a positive multiple of {}, channel, adaptive "
+                   "or default",
+                   o->group, kGroupQuantum);
+        c.group_size = g;
+      }
+      MOQE_CHECK(o->bits == 2 || o->bits == 3 || o->bits == 4 || o->bits == 8,
+                 "unsupported --bits {}; supported: 2, 3, 4, 8", o->bits);
+      MOQE_CHECK(o->tau >= 0, "invalid --tau {}: must be >= 0", o->tau);
+      c.adaptive.tau = o->tau;
+      c.adaptive.error_budget = o->budget;
+      MOQE_CHECK(!o->budget || *o->budget >= 0, "invalid --error-budget {}: must be >= 0",
+                 o->budget.value_or(0));
+      MOQE_CHECK(o->budget.has_value() <= (c.group_policy == GroupPolicy::kAdaptive),
+                 "--error-budget applies only with --group-size adaptive");
+      c.include_regex = o->include;
+      c.exclude_regex = o->exclude;
+      c.num_threads = o->threads;
+      const Checkpoint input(o->input);
+      Progress progress(!o->quiet);
+      const ConvertReport r = quantize_checkpoint(
+          input, o->output, c, [&progress](const ConvertProgress& p) { progress(p); });
+      progress.clear();
+      if (!o->report.empty()) write_text_atomically(o->report, report_to_json(r));
+      if (!o->quiet) print_quantize_report(r, o->output);
+      if (r.quantized_count == 0) {
+        std::fprintf(stderr,
+                     "moqe: warning: no tensor matched --include '%s'; the output is a copy\n",
+                     o->include.c_str());
+      }
+      return 0;
+    };
+  });
+}
+
+void add_dequantize(CLI::App& app, Action& action) {
+  struct Opts {
+    std::string input, output;
+    int threads = 0;
+    bool quiet = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd =
+      app.add_subcommand("dequantize", "Write the quantized weights of a checkpoint back as F32");
+  cmd->add_option("--input", o->input, "moqe-quantized checkpoint")->required();
+  cmd->add_option("--output", o->output, "output .safetensors file (written atomically)")
+      ->required();
+  cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--quiet", o->quiet, "no progress display and no summary");
+  cmd->callback([&action, o] {
+    action = [o] {
+      const Checkpoint input(o->input);
+      Progress progress(!o->quiet);
+      const ConvertReport r = dequantize_checkpoint(
+          input, o->output, o->threads, [&progress](const ConvertProgress& p) { progress(p); });
+      progress.clear();
+      if (!o->quiet) {
+        std::printf("dequantized %lld tensors to F32, copied %zu; %s -> %s in %.1f s; wrote %s\n",
+                    static_cast<long long>(r.quantized_count),
+                    r.tensors.size() - static_cast<size_t>(r.quantized_count),
+                    human_bytes(r.bytes_in).c_str(), human_bytes(r.bytes_out).c_str(), r.seconds,
+                    o->output.c_str());
+      }
+      return 0;
+    };
+  });
+}
+
+}  // namespace moqe::cli

@@ -1,0 +1,222 @@
+#include "moqe/io/convert.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <regex>
+
+#include "moqe/core/error.hpp"
+#include "moqe/io/quantized_format.hpp"
+
+namespace moqe {
+namespace {
+
+std::regex compile_regex(const std::string& pattern, std::string_view option) {
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    MOQE_FAIL("invalid {} regular expression '{}': {}", option, pattern, e.what());
+  }
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Group size for a K under a fixed policy; an error naming the tensor when it does not divide K.
+QuantScheme scheme_for(const ConvertOptions& o, const std::string& name, int64_t k) {
+  QuantScheme s{o.bits, o.mode, kPerChannel, o.scale_type};
+  switch (o.group_policy) {
+    case GroupPolicy::kDefault:
+      s.group_size = (k % 128 == 0) ? 128 : kPerChannel;
+      break;
+    case GroupPolicy::kFixed:
+      s.group_size = o.group_size;
+      break;
+    case GroupPolicy::kPerChannel:
+    case GroupPolicy::kAdaptive:
+      s.group_size = kPerChannel;
+      break;
+  }
+  validate_scheme(s, k, fmt::format("tensor '{}' with K = {}", name, k));
+  return s;
+}
+
+void copy_metadata(const Checkpoint& input, SafetensorsWriter& writer, bool keep_moqe) {
+  for (const auto& [key, value] : input.metadata()) {
+    if (!keep_moqe && key.starts_with("moqe.")) continue;
+    writer.set_metadata(key, value);
+  }
+}
+
+}  // namespace
+
+std::string_view default_include_regex() {
+  return R"((^|\.)experts\.(\d+|expert_\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj|wi|wo|wi_0|wi_1)\.weight$)";
+}
+
+ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
+                                  const ConvertOptions& o, const ProgressFn& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::regex include = compile_regex(o.include_regex, "--include");
+  const bool has_exclude = !o.exclude_regex.empty();
+  const std::regex exclude =
+      has_exclude ? compile_regex(o.exclude_regex, "--exclude") : std::regex();
+  QuantScheme probe{o.bits, o.mode, kPerChannel, o.scale_type};
+  validate_scheme(probe, 1, "quantize");  // bits and mode, before any work
+
+  SafetensorsWriter writer;
+  copy_metadata(input, writer, /*keep_moqe=*/true);
+  ConvertReport report;
+  auto wanted = [&](const std::string& name) {
+    return std::regex_search(name, include) && !(has_exclude && std::regex_search(name, exclude));
+  };
+  // A 2-D float weight (fp8 block-scaled ones included) that is not part of a quantized weight.
+  auto quantizable = [&](const std::string& name) {
+    const TensorInfo& t = input.info(name);
+    return t.shape.size() == 2 && t.shape[1] > 0 && dtype_is_float(t.dtype) &&
+           !is_companion_tensor(input, name);
+  };
+  const std::vector<std::string> names = input.tensor_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
+    if (progress) progress({i, names.size(), name});
+    const TensorInfo& t = input.info(name);
+    // The block scales of an fp8 weight that is quantized are folded into it.
+    constexpr std::string_view kInv = "_scale_inv";
+    if (name.ends_with(kInv) && is_companion_tensor(input, name)) {
+      const std::string base = name.substr(0, name.size() - kInv.size());
+      if (wanted(base) && quantizable(base)) continue;
+    }
+    TensorReport r;
+    r.name = name;
+    r.shape = t.shape;
+    r.input_dtype = std::string(dtype_name(t.dtype));
+    r.bytes_in = static_cast<int64_t>(t.nbytes());
+    const bool quantize_it = wanted(name) && quantizable(name);
+    if (wanted(name) && !quantize_it && !is_companion_tensor(input, name)) {
+      r.note = t.shape.size() != 2 ? "not 2-D: copied" : "not a float matrix: copied";
+    }
+    if (quantize_it) {
+      const DenseWeight w = load_weight_f32(input, name, o.num_threads);
+      const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
+      const QuantizeOptions qo{o.num_threads, name};
+      QuantizedMatrix q;
+      if (o.group_policy == GroupPolicy::kAdaptive) {
+        AdaptiveResult a = quantize_adaptive(view, scheme_for(o, name, w.cols), o.adaptive, qo);
+        if (!a.budget_met) {
+          r.note = fmt::format("error budget {:.4g} not met; finest group kept", a.threshold);
+        }
+        q = std::move(a.matrix);
+      } else {
+        q = quantize(view, scheme_for(o, name, w.cols), qo);
+      }
+      r.quantized = true;
+      r.scheme = q.scheme();
+      r.group_size = q.group_size();
+      r.error = quantization_error(view, q, o.num_threads);
+      r.bytes_out = q.storage_bytes();
+      r.bits_per_weight = q.bits_per_weight();
+      add_quantized(writer, name, q);
+      report.quantized_count++;
+      report.quantized_bytes_in += r.bytes_in;
+      report.quantized_bytes_out += r.bytes_out;
+    } else {
+      writer.add_view(name, t.dtype, t.shape, input.bytes(name));
+      r.bytes_out = r.bytes_in;
+    }
+    report.bytes_in += r.bytes_in;
+    report.bytes_out += r.bytes_out;
+    report.tensors.push_back(std::move(r));
+  }
+  if (progress) progress({names.size(), names.size(), "writing " + output.string()});
+  writer.write(output);
+  report.seconds = seconds_since(t0);
+  return report;
+}
+
+ConvertReport dequantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
+                                    int num_threads, const ProgressFn& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  SafetensorsWriter writer;
+  copy_metadata(input, writer, /*keep_moqe=*/false);
+  ConvertReport report;
+  std::vector<std::string> names = input.tensor_names();
+  for (const std::string& q : quantized_weight_names(input)) names.push_back(q);
+  std::sort(names.begin(), names.end());
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
+    if (progress) progress({i, names.size(), name});
+    TensorReport r;
+    r.name = name;
+    if (is_quantized(input, name)) {
+      const QuantizedMatrix q = load_quantized(input, name);
+      std::vector<float> values = dequantize(q, num_threads);
+      r.quantized = true;
+      r.scheme = q.scheme();
+      r.group_size = q.group_size();
+      r.shape = {q.rows(), q.cols()};
+      r.bytes_in = q.storage_bytes();
+      r.bytes_out = q.numel() * 4;
+      r.input_dtype = "moqe";
+      writer.add_values<float>(name, DType::kF32, r.shape, values);
+      report.quantized_count++;
+    } else if (is_companion_tensor(input, name) && !name.ends_with("_scale_inv")) {
+      continue;  // folded into its weight above
+    } else {
+      const TensorInfo& t = input.info(name);
+      r.shape = t.shape;
+      r.input_dtype = std::string(dtype_name(t.dtype));
+      r.bytes_in = r.bytes_out = static_cast<int64_t>(t.nbytes());
+      writer.add_view(name, t.dtype, t.shape, input.bytes(name));
+    }
+    report.bytes_in += r.bytes_in;
+    report.bytes_out += r.bytes_out;
+    report.tensors.push_back(std::move(r));
+  }
+  if (progress) progress({names.size(), names.size(), "writing " + output.string()});
+  writer.write(output);
+  report.seconds = seconds_since(t0);
+  return report;
+}
+
+std::string report_to_json(const ConvertReport& report) {
+  nlohmann::json j;
+  j["format"] = "moqe.report.1";
+  j["seconds"] = report.seconds;
+  j["bytes_in"] = report.bytes_in;
+  j["bytes_out"] = report.bytes_out;
+  j["quantized_tensors"] = report.quantized_count;
+  j["quantized_bytes_in"] = report.quantized_bytes_in;
+  j["quantized_bytes_out"] = report.quantized_bytes_out;
+  nlohmann::json tensors = nlohmann::json::array();
+  for (const TensorReport& r : report.tensors) {
+    nlohmann::json t;
+    t["name"] = r.name;
+    t["shape"] = r.shape;
+    t["input_dtype"] = r.input_dtype;
+    t["quantized"] = r.quantized;
+    t["bytes_in"] = r.bytes_in;
+    t["bytes_out"] = r.bytes_out;
+    if (r.quantized) {
+      t["bits"] = r.scheme.bits;
+      t["mode"] = std::string(to_string(r.scheme.mode));
+      t["group_size"] = r.group_size;
+      t["scale_dtype"] = std::string(to_string(r.scheme.scale_type));
+      t["bits_per_weight"] = r.bits_per_weight;
+      t["rel_frobenius"] = r.error.rel_frobenius;
+      t["max_abs"] = r.error.max_abs;
+      // JSON has no infinity: an exact reconstruction reports null.
+      t["sqnr_db"] =
+          std::isfinite(r.error.sqnr_db) ? nlohmann::json(r.error.sqnr_db) : nlohmann::json();
+    }
+    if (!r.note.empty()) t["note"] = r.note;
+    tensors.push_back(std::move(t));
+  }
+  j["tensors"] = std::move(tensors);
+  return j.dump(2);
+}
+
+}  // namespace moqe

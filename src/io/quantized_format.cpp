@@ -1,0 +1,224 @@
+#include "moqe/io/quantized_format.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstring>
+
+#include "moqe/core/dtypes.hpp"
+#include "moqe/core/error.hpp"
+
+namespace moqe {
+namespace {
+
+std::string scheme_key(std::string_view name) {
+  return std::string(kSchemeKeyPrefix) + std::string(name);
+}
+
+const std::string* find_scheme(const Checkpoint& ckpt, std::string_view name) {
+  auto it = ckpt.metadata().find(scheme_key(name));
+  return it == ckpt.metadata().end() ? nullptr : &it->second;
+}
+
+std::string where(const Checkpoint& ckpt, std::string_view name) {
+  return fmt::format("{}: tensor '{}'", ckpt.path().string(), name);
+}
+
+// Reads a tensor's bytes into a vector of T, checking dtype and shape.
+template <class T>
+std::vector<T> read_exact(const Checkpoint& ckpt, const std::string& tensor, DType dtype,
+                          const std::vector<int64_t>& shape, std::string_view part) {
+  MOQE_CHECK(ckpt.contains(tensor), "{}: quantized weight is missing its {} tensor '{}'",
+             ckpt.path().string(), part, tensor);
+  const TensorInfo& t = ckpt.info(tensor);
+  MOQE_CHECK(t.dtype == dtype && t.shape == shape, "{}: expected {} {}, found {}",
+             where(ckpt, tensor), dtype_name(dtype), shape_to_string(shape), t.describe());
+  std::span<const std::byte> b = ckpt.bytes(tensor);
+  std::vector<T> out(b.size() / sizeof(T));
+  if (!b.empty()) std::memcpy(out.data(), b.data(), b.size());
+  return out;
+}
+
+}  // namespace
+
+std::string scheme_to_json(const QuantizedMatrix& q) {
+  nlohmann::json j;
+  j["bits"] = q.bits();
+  j["mode"] = std::string(to_string(q.scheme().mode));
+  j["group_size"] = q.group_size();
+  j["shape"] = {q.rows(), q.cols()};
+  j["scale_dtype"] = q.scheme().scale_type == ScaleType::kF16 ? "F16" : "F32";
+  j["code_offset"] = q.scheme().code_offset();
+  return j.dump();
+}
+
+StoredScheme parse_scheme_json(std::string_view text, std::string_view what) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    MOQE_FAIL("{}: the scheme metadata is not valid JSON ({})", what, e.what());
+  }
+  MOQE_CHECK(j.is_object(), "{}: the scheme metadata is not a JSON object", what);
+  auto get_int = [&](const char* key) -> int64_t {
+    MOQE_CHECK(j.contains(key) && j[key].is_number_integer(),
+               "{}: the scheme metadata lacks an integer '{}': {}", what, key, text);
+    return j[key].get<int64_t>();
+  };
+  auto get_str = [&](const char* key) -> std::string {
+    MOQE_CHECK(j.contains(key) && j[key].is_string(),
+               "{}: the scheme metadata lacks a string '{}': {}", what, key, text);
+    return j[key].get<std::string>();
+  };
+  StoredScheme s;
+  s.scheme.bits = static_cast<int>(get_int("bits"));
+  const std::string mode = get_str("mode");
+  auto m = parse_quant_mode(mode);
+  MOQE_CHECK(m.has_value(), "{}: unknown quantization mode '{}'; supported: sym, sym_full, asym",
+             what, mode);
+  s.scheme.mode = *m;
+  s.scheme.group_size = get_int("group_size");
+  const std::string st = j.contains("scale_dtype") ? get_str("scale_dtype") : "F16";
+  auto t = parse_scale_type(st);
+  MOQE_CHECK(t.has_value(), "{}: unknown scale_dtype '{}'; supported: F16, F32", what, st);
+  s.scheme.scale_type = *t;
+  MOQE_CHECK(j.contains("shape") && j["shape"].is_array() && j["shape"].size() == 2 &&
+                 j["shape"][0].is_number_integer() && j["shape"][1].is_number_integer(),
+             "{}: the scheme metadata lacks a 2-D integer 'shape': {}", what, text);
+  s.rows = j["shape"][0].get<int64_t>();
+  s.cols = j["shape"][1].get<int64_t>();
+  MOQE_CHECK(s.rows >= 0 && s.cols > 0, "{}: invalid quantized shape [{}, {}]", what, s.rows,
+             s.cols);
+  validate_scheme(s.scheme, s.cols, what);
+  if (j.contains("code_offset")) {
+    MOQE_CHECK(get_int("code_offset") == s.scheme.code_offset(),
+               "{}: code_offset {} does not match {} at {} bits (expected {})", what,
+               get_int("code_offset"), mode, s.scheme.bits, s.scheme.code_offset());
+  }
+  return s;
+}
+
+void add_quantized(SafetensorsWriter& writer, const std::string& name, const QuantizedMatrix& q) {
+  const int64_t n = q.rows(), ng = q.groups_per_row();
+  writer.add_values<uint8_t>(name + ".qweight", DType::kU8, {n, q.row_bytes()}, q.qweight());
+  if (q.scheme().scale_type == ScaleType::kF16) {
+    std::vector<uint16_t> h(q.scales().size());
+    std::transform(q.scales().begin(), q.scales().end(), h.begin(), float_to_half_bits);
+    writer.add_values<uint16_t>(name + ".scales", DType::kF16, {n, ng}, h);
+  } else {
+    writer.add_values<float>(name + ".scales", DType::kF32, {n, ng}, q.scales());
+  }
+  if (q.scheme().has_zeros()) {
+    writer.add_values<uint8_t>(name + ".zeros", DType::kU8, {n, ng}, q.zeros());
+  }
+  writer.set_metadata(std::string(kFormatKey), std::string(kFormatVersion));
+  writer.set_metadata(scheme_key(name), scheme_to_json(q));
+}
+
+bool is_quantized(const Checkpoint& ckpt, std::string_view name) {
+  return find_scheme(ckpt, name) != nullptr;
+}
+
+std::vector<std::string> quantized_weight_names(const Checkpoint& ckpt) {
+  std::vector<std::string> names;
+  for (const auto& [key, value] : ckpt.metadata()) {
+    if (key.starts_with(kSchemeKeyPrefix)) names.push_back(key.substr(kSchemeKeyPrefix.size()));
+  }
+  return names;
+}
+
+QuantizedMatrix load_quantized(const Checkpoint& ckpt, std::string_view name) {
+  const std::string* json = find_scheme(ckpt, name);
+  MOQE_CHECK(json != nullptr, "{}: no quantized weight '{}' (no '{}' metadata)",
+             ckpt.path().string(), name, scheme_key(name));
+  auto fmt_it = ckpt.metadata().find(std::string(kFormatKey));
+  MOQE_CHECK(fmt_it != ckpt.metadata().end() && fmt_it->second == kFormatVersion,
+             "{}: unsupported moqe.format '{}' (this build reads format {})", ckpt.path().string(),
+             fmt_it == ckpt.metadata().end() ? std::string("<missing>") : fmt_it->second,
+             kFormatVersion);
+  const std::string what = where(ckpt, name);
+  const StoredScheme s = parse_scheme_json(*json, what);
+  const std::string base(name);
+  const int64_t n = s.rows, ng = s.cols / s.scheme.resolved_group_size(s.cols);
+  auto qweight = read_exact<uint8_t>(ckpt, base + ".qweight", DType::kU8,
+                                     {n, packed_row_bytes(s.cols, s.scheme.bits)}, "qweight");
+  std::vector<float> scales;
+  if (s.scheme.scale_type == ScaleType::kF16) {
+    auto h = read_exact<uint16_t>(ckpt, base + ".scales", DType::kF16, {n, ng}, "scales");
+    scales.resize(h.size());
+    std::transform(h.begin(), h.end(), scales.begin(), half_bits_to_float);
+  } else {
+    scales = read_exact<float>(ckpt, base + ".scales", DType::kF32, {n, ng}, "scales");
+  }
+  std::vector<uint8_t> zeros;
+  if (s.scheme.has_zeros()) {
+    zeros = read_exact<uint8_t>(ckpt, base + ".zeros", DType::kU8, {n, ng}, "zeros");
+  }
+  return QuantizedMatrix::from_parts(n, s.cols, s.scheme, std::move(qweight), std::move(scales),
+                                     std::move(zeros), what);
+}
+
+bool is_companion_tensor(const Checkpoint& ckpt, std::string_view name) {
+  for (std::string_view suffix : {".qweight", ".scales", ".zeros"}) {
+    if (name.ends_with(suffix) && is_quantized(ckpt, name.substr(0, name.size() - suffix.size()))) {
+      return true;
+    }
+  }
+  constexpr std::string_view kInv = "_scale_inv";
+  if (name.ends_with(kInv)) {
+    const std::string_view base = name.substr(0, name.size() - kInv.size());
+    return ckpt.contains(base) && ckpt.info(base).dtype == DType::kF8_E4M3;
+  }
+  return false;
+}
+
+std::vector<int64_t> weight_shape(const Checkpoint& ckpt, std::string_view name) {
+  if (const std::string* json = find_scheme(ckpt, name)) {
+    const StoredScheme s = parse_scheme_json(*json, where(ckpt, name));
+    return {s.rows, s.cols};
+  }
+  MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}'", ckpt.path().string(), name);
+  return ckpt.info(name).shape;
+}
+
+DenseWeight load_weight_f32(const Checkpoint& ckpt, std::string_view name, int num_threads) {
+  DenseWeight w;
+  if (is_quantized(ckpt, name)) {
+    const QuantizedMatrix q = load_quantized(ckpt, name);
+    w.rows = q.rows();
+    w.cols = q.cols();
+    w.values = dequantize(q, num_threads);
+    return w;
+  }
+  MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}'", ckpt.path().string(), name);
+  const TensorInfo& t = ckpt.info(name);
+  MOQE_CHECK(t.shape.size() == 2, "{}: expected a 2-D weight, found {}", where(ckpt, name),
+             t.describe());
+  w.rows = t.shape[0];
+  w.cols = t.shape[1];
+  if (t.dtype == DType::kF8_E4M3) {
+    // DeepSeek-V3 style: one F32 inverse scale per 128x128 block multiplies the fp8 values.
+    const std::string inv = std::string(name) + "_scale_inv";
+    MOQE_CHECK(ckpt.contains(inv), "{}: F8_E4M3 weight without its block scales '{}'",
+               where(ckpt, name), inv);
+    constexpr int64_t kBlock = 128;
+    const int64_t br = (w.rows + kBlock - 1) / kBlock, bc = (w.cols + kBlock - 1) / kBlock;
+    const TensorInfo& ti = ckpt.info(inv);
+    MOQE_CHECK(ti.shape == std::vector<int64_t>({br, bc}),
+               "{}: block scales {} do not match weight {} (expected [{}, {}] for 128x128 blocks)",
+               where(ckpt, inv), ti.describe(), t.describe(), br, bc);
+    const std::vector<float> s = ckpt.to_float(inv);
+    w.values = ckpt.to_float(name);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      for (int64_t c = 0; c < w.cols; ++c)
+        w.values[r * w.cols + c] *= s[(r / kBlock) * bc + c / kBlock];
+    }
+    return w;
+  }
+  MOQE_CHECK(dtype_is_float(t.dtype), "{}: expected a floating-point weight, found {}",
+             where(ckpt, name), t.describe());
+  w.values = ckpt.to_float(name);
+  return w;
+}
+
+}  // namespace moqe
