@@ -24,7 +24,8 @@ BENCHMARK(BM_Quantize)->Arg(4)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisec
 
 void BM_Dequantize(benchmark::State& state) {
   const moqe::QuantScheme s{static_cast<int>(state.range(0)), moqe::QuantMode::kSym, 128};
-  const moqe::QuantizedMatrix q = moqe::quantize(moqe::MatrixView<const float>(weights().data(), kN, kK), s);
+  const moqe::QuantizedMatrix q =
+      moqe::quantize(moqe::MatrixView<const float>(weights().data(), kN, kK), s);
   std::vector<float> out(static_cast<size_t>(kN * kK));
   for (auto _ : state) {
     moqe::dequantize(q, moqe::MatrixView<float>(out.data(), kN, kK));

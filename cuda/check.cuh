@@ -6,10 +6,10 @@
 
 #include "moqe/core/error.hpp"
 
-#define MOQE_CUDA_CHECK(call)                                                               \
-  do {                                                                                      \
-    const cudaError_t moqe_cuda_status_ = (call);                                           \
-    MOQE_CHECK(moqe_cuda_status_ == cudaSuccess, "CUDA error {} ({}) in {} at {}:{}",       \
-               cudaGetErrorName(moqe_cuda_status_), cudaGetErrorString(moqe_cuda_status_),  \
-               #call, __FILE__, __LINE__);                                                  \
+#define MOQE_CUDA_CHECK(call)                                                                     \
+  do {                                                                                            \
+    const cudaError_t moqe_cuda_status_ = (call);                                                 \
+    MOQE_CHECK(moqe_cuda_status_ == cudaSuccess, "CUDA error {} ({}) in {} at {}:{}",             \
+               cudaGetErrorName(moqe_cuda_status_), cudaGetErrorString(moqe_cuda_status_), #call, \
+               __FILE__, __LINE__);                                                               \
   } while (0)

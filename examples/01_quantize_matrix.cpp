@@ -21,7 +21,8 @@ int main() {
                   e.rel_frobenius, e.sqnr_db);
       // Self-check: the dequantized matrix matches the error statistics.
       const std::vector<float> d = moqe::dequantize(q);
-      const moqe::ErrorStats again = moqe::compare(view, moqe::MatrixView<const float>(d.data(), n, k));
+      const moqe::ErrorStats again =
+          moqe::compare(view, moqe::MatrixView<const float>(d.data(), n, k));
       if (again.rel_frobenius != e.rel_frobenius) return 1;
       if (mode == moqe::QuantMode::kSym) {
         if (e.rel_frobenius <= previous) {  // fewer bits must cost accuracy
@@ -36,7 +37,8 @@ int main() {
   std::printf("\nadaptive group size at 4 bits (tau = 0.10):\n");
   for (const auto& c : a.candidates) {
     std::printf("  G = %5lld  rel.err %.5f  bits/w %.3f%s\n", static_cast<long long>(c.group_size),
-                c.rel_error, c.bits_per_weight, c.group_size == a.chosen_group_size ? "  <- chosen" : "");
+                c.rel_error, c.bits_per_weight,
+                c.group_size == a.chosen_group_size ? "  <- chosen" : "");
   }
   return a.matrix.group_size() == a.chosen_group_size ? 0 : 1;
 }

@@ -1,8 +1,8 @@
 // The quick-start demo: writes a synthetic Mixtral-shaped MoE checkpoint (BF16, Gaussian weights
 // with a few outlier input channels), quantizes its experts at 8/4/3/2 bits per-channel, in
 // blocks of 128 and with adaptive group sizes, and prints size against error.
-#include <moqe/moqe.hpp>
 #include <unistd.h>
+#include <moqe/moqe.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -21,11 +21,12 @@ struct Args {
 };
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: moqe_demo [--small] [--dir DIR] [--keep] [--hidden H] [--intermediate I] "
-               "[--experts E]\n"
-               "  default shape: Mixtral's layout at 1/4 width (H 1024, I 3584, 8 experts);\n"
-               "  --hidden 4096 --intermediate 14336 gives the true Mixtral layer (5.6 GB fp32).\n");
+  std::fprintf(
+      stderr,
+      "usage: moqe_demo [--small] [--dir DIR] [--keep] [--hidden H] [--intermediate I] "
+      "[--experts E]\n"
+      "  default shape: Mixtral's layout at 1/4 width (H 1024, I 3584, 8 experts);\n"
+      "  --hidden 4096 --intermediate 14336 gives the true Mixtral layer (5.6 GB fp32).\n");
   return 2;
 }
 
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
   }
   const bool own_dir = a.dir.empty();
   if (own_dir) {
-    a.dir = std::filesystem::temp_directory_path() / ("moqe-demo-" + std::to_string(getpid()));
+    a.dir = std::filesystem::temp_directory_path() / fmt::format("moqe-demo-{}", getpid());
   }
   try {
     std::filesystem::create_directories(a.dir);
@@ -80,13 +81,13 @@ int main(int argc, char** argv) {
     bool ok = true;
     double prev_err = 0;
     for (int bits : {8, 4, 3, 2}) {
-      for (moqe::GroupPolicy policy :
-           {moqe::GroupPolicy::kPerChannel, moqe::GroupPolicy::kFixed, moqe::GroupPolicy::kAdaptive}) {
+      for (moqe::GroupPolicy policy : {moqe::GroupPolicy::kPerChannel, moqe::GroupPolicy::kFixed,
+                                       moqe::GroupPolicy::kAdaptive}) {
         moqe::ConvertOptions o;
         o.bits = bits;
         o.group_policy = policy;
         o.group_size = 128;
-        const auto out = a.dir / ("q" + std::to_string(bits) + ".safetensors");
+        const auto out = a.dir / fmt::format("q{}.safetensors", bits);
         const moqe::ConvertReport r = moqe::quantize_checkpoint(model, out, o);
         double err2 = 0, max_err = 0, sqnr = 0;
         std::string groups = policy == moqe::GroupPolicy::kPerChannel ? "channel"
@@ -104,16 +105,16 @@ int main(int argc, char** argv) {
         }
         const double rms_err = std::sqrt(err2 / static_cast<double>(n));
         if (policy == moqe::GroupPolicy::kAdaptive) {
-          groups = min_g == max_g ? "ad:" + std::to_string(min_g)
-                                  : "ad:" + std::to_string(min_g) + "-" + std::to_string(max_g);
+          groups =
+              min_g == max_g ? fmt::format("ad:{}", min_g) : fmt::format("ad:{}-{}", min_g, max_g);
         }
-        std::printf("%-5d %-9s %8.3f %12lld %9.2fx %10.5f %10.5f %9.2f %7.2f\n", bits,
-                    groups.c_str(),
-                    static_cast<double>(r.quantized_bytes_out) * 8.0 /
-                        (static_cast<double>(r.quantized_bytes_in) / 2.0),
-                    static_cast<long long>(r.quantized_bytes_out),
-                    static_cast<double>(r.quantized_bytes_in) / static_cast<double>(r.quantized_bytes_out),
-                    rms_err, max_err, sqnr / static_cast<double>(n), r.seconds);
+        std::printf(
+            "%-5d %-9s %8.3f %12lld %9.2fx %10.5f %10.5f %9.2f %7.2f\n", bits, groups.c_str(),
+            static_cast<double>(r.quantized_bytes_out) * 8.0 /
+                (static_cast<double>(r.quantized_bytes_in) / 2.0),
+            static_cast<long long>(r.quantized_bytes_out),
+            static_cast<double>(r.quantized_bytes_in) / static_cast<double>(r.quantized_bytes_out),
+            rms_err, max_err, sqnr / static_cast<double>(n), r.seconds);
         // Self-check: every expert matrix was quantized, and fewer bits cost accuracy.
         ok = ok && n == 3 * a.experts;
         if (policy == moqe::GroupPolicy::kFixed) {
@@ -122,8 +123,9 @@ int main(int argc, char** argv) {
         }
       }
     }
-    std::printf("\nrel.err: RMS over expert matrices of ||W - deq(q(W))|| / ||W||; adaptive is "
-                "moqe's rule (largest G within 1.1x of the finest group's error).\n");
+    std::printf(
+        "\nrel.err: RMS over expert matrices of ||W - deq(q(W))|| / ||W||; adaptive is "
+        "moqe's rule (largest G within 1.1x of the finest group's error).\n");
     if (own_dir && !a.keep) std::filesystem::remove_all(a.dir);
     if (!ok) {
       std::fprintf(stderr, "demo self-check failed\n");

@@ -44,7 +44,8 @@ class TempDir {
 };
 
 // Gaussian weights with a few outlier input channels (every 37th column, 8x).
-inline std::vector<float> gaussian_weights(int64_t n, int64_t k, uint32_t seed, float sigma = 0.02f) {
+inline std::vector<float> gaussian_weights(int64_t n, int64_t k, uint32_t seed,
+                                           float sigma = 0.02f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> g(0.0f, sigma);
   std::vector<float> w(static_cast<size_t>(n * k));

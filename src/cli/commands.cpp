@@ -137,16 +137,14 @@ void add_inspect(CLI::App& app, Action& action) {
         if (!o->raw) {
           for (const std::string& name : quantized_weight_names(ckpt)) {
             const QuantizedMatrix q = load_quantized(ckpt, name);
-            t.add_row({name, "moqe", shape_str({q.rows(), q.cols()}),
-                       std::to_string(q.storage_bytes()),
-                       fmt::format("{} ({:.3f} bits/w)", q.scheme().to_string(),
-                                   q.bits_per_weight())});
+            t.add_row(
+                {name, "moqe", shape_str({q.rows(), q.cols()}), std::to_string(q.storage_bytes()),
+                 fmt::format("{} ({:.3f} bits/w)", q.scheme().to_string(), q.bits_per_weight())});
           }
         }
-        std::printf("%s: %zu tensors, %s%s\n", path.c_str(), ckpt.size(),
-                    human_bytes(total).c_str(),
-                    fmt_it != meta.end() ? fmt::format(", moqe format {}", fmt_it->second).c_str()
-                                         : "");
+        std::printf(
+            "%s: %zu tensors, %s%s\n", path.c_str(), ckpt.size(), human_bytes(total).c_str(),
+            fmt_it != meta.end() ? fmt::format(", moqe format {}", fmt_it->second).c_str() : "");
         std::fputs(t.render().c_str(), stdout);
         if (o->raw) {
           for (const std::string& name : quantized_weight_names(ckpt)) {

@@ -42,8 +42,7 @@ double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int 
 }
 
 AdaptiveResult quantize_adaptive(MatrixView<const float> w, const QuantScheme& base,
-                                 const AdaptiveOptions& adaptive,
-                                 const QuantizeOptions& options) {
+                                 const AdaptiveOptions& adaptive, const QuantizeOptions& options) {
   const int64_t k = w.cols();
   MOQE_CHECK(adaptive.tau >= 0, "adaptive granularity: tau must be >= 0, got {}", adaptive.tau);
   MOQE_CHECK(!adaptive.error_budget || *adaptive.error_budget >= 0,
@@ -68,7 +67,8 @@ AdaptiveResult quantize_adaptive(MatrixView<const float> w, const QuantScheme& b
   for (int64_t g : sizes) {
     QuantScheme s = base;
     s.group_size = g == k ? kPerChannel : g;
-    result.candidates.push_back({g, relative_error(w, s, options.num_threads), s.bits_per_weight(k)});
+    result.candidates.push_back(
+        {g, relative_error(w, s, options.num_threads), s.bits_per_weight(k)});
   }
   const double finest = result.candidates.back().rel_error;
   result.threshold = adaptive.error_budget ? *adaptive.error_budget : (1.0 + adaptive.tau) * finest;

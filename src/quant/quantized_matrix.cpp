@@ -16,9 +16,8 @@ constexpr int64_t kRowsPerChunk = 4;
 }  // namespace
 
 QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const QuantScheme& scheme,
-                                            std::vector<uint8_t> qweight,
-                                            std::vector<float> scales, std::vector<uint8_t> zeros,
-                                            std::string_view name) {
+                                            std::vector<uint8_t> qweight, std::vector<float> scales,
+                                            std::vector<uint8_t> zeros, std::string_view name) {
   MOQE_CHECK(rows >= 0 && cols > 0, "{}: invalid quantized shape [{}, {}]", name, rows, cols);
   validate_scheme(scheme, cols, name);
   QuantizedMatrix q;
@@ -31,8 +30,8 @@ QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const Qu
              "{}: qweight holds {} bytes, but shape [{}, {}] at {} bits needs {} ({} per row)",
              name, qweight.size(), rows, cols, scheme.bits, want_q, q.row_bytes());
   MOQE_CHECK(static_cast<int64_t>(scales.size()) == want_s,
-             "{}: scales hold {} values, but shape [{}, {}] with group size {} needs [{}, {}]", name,
-             scales.size(), rows, cols, q.group_size(), rows, q.groups_per_row());
+             "{}: scales hold {} values, but shape [{}, {}] with group size {} needs [{}, {}]",
+             name, scales.size(), rows, cols, q.group_size(), rows, q.groups_per_row());
   if (scheme.has_zeros()) {
     MOQE_CHECK(static_cast<int64_t>(zeros.size()) == want_s,
                "{}: zeros hold {} values, but asym shape [{}, {}] needs [{}, {}]", name,
@@ -98,8 +97,8 @@ void check_finite(MatrixView<const float> w, std::string_view name, int num_thre
 
 QuantizedMatrix quantize_impl(MatrixView<const float> w, const QuantScheme& scheme, int threads,
                               std::string_view name) {
-  validate_scheme(scheme, w.cols(), fmt::format("tensor '{}' of shape [{}, {}]", name, w.rows(),
-                                                w.cols()));
+  validate_scheme(scheme, w.cols(),
+                  fmt::format("tensor '{}' of shape [{}, {}]", name, w.rows(), w.cols()));
   check_finite(w, name, threads);
   QuantizedMatrix q;
   q.rows_ = w.rows();
@@ -117,9 +116,8 @@ QuantizedMatrix quantize_impl(MatrixView<const float> w, const QuantScheme& sche
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = w.row(r);
       for (int64_t j = 0; j < ng; ++j) {
-        const GroupParams p =
-            quantize_group(row + j * g, g, scheme.bits, scheme.mode, scheme.scale_type,
-                           codes.data() + j * g);
+        const GroupParams p = quantize_group(row + j * g, g, scheme.bits, scheme.mode,
+                                             scheme.scale_type, codes.data() + j * g);
         if (!std::isfinite(p.scale)) {
           std::lock_guard<std::mutex> lock(m);
           bad = std::min(bad, r * ng + j);
@@ -177,10 +175,10 @@ ErrorStats finish(const std::vector<RowSums>& rows) {
     s.rel_frobenius = 0;
     s.sqnr_db = std::numeric_limits<double>::infinity();
   } else {
-    s.rel_frobenius = t.ref2 == 0 ? std::numeric_limits<double>::infinity()
-                                  : std::sqrt(t.err2 / t.ref2);
-    s.sqnr_db = t.ref2 == 0 ? -std::numeric_limits<double>::infinity()
-                            : 10.0 * std::log10(t.ref2 / t.err2);
+    s.rel_frobenius =
+        t.ref2 == 0 ? std::numeric_limits<double>::infinity() : std::sqrt(t.err2 / t.ref2);
+    s.sqnr_db =
+        t.ref2 == 0 ? -std::numeric_limits<double>::infinity() : 10.0 * std::log10(t.ref2 / t.err2);
   }
   return s;
 }
@@ -234,11 +232,12 @@ ErrorStats quantization_error(MatrixView<const float> w, const QuantizedMatrix& 
 ErrorStats compare(MatrixView<const float> reference, MatrixView<const float> approx,
                    int num_threads) {
   MOQE_CHECK(reference.rows() == approx.rows() && reference.cols() == approx.cols(),
-             "compare: reference {} and approximation {} differ in shape",
-             shape_string(reference), shape_string(approx));
+             "compare: reference {} and approximation {} differ in shape", shape_string(reference),
+             shape_string(approx));
   std::vector<RowSums> sums(static_cast<size_t>(reference.rows()));
   parallel_for(reference.rows(), num_threads, kRowsPerChunk, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) sums[r] = row_sums(reference.row(r), approx.row(r), approx.cols());
+    for (int64_t r = r0; r < r1; ++r)
+      sums[r] = row_sums(reference.row(r), approx.row(r), approx.cols());
   });
   return finish(sums);
 }

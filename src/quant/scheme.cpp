@@ -21,9 +21,12 @@ std::string QuantScheme::to_string() const {
 
 std::string_view to_string(QuantMode mode) {
   switch (mode) {
-    case QuantMode::kSym: return "sym";
-    case QuantMode::kSymFull: return "sym_full";
-    case QuantMode::kAsym: return "asym";
+    case QuantMode::kSym:
+      return "sym";
+    case QuantMode::kSymFull:
+      return "sym_full";
+    case QuantMode::kAsym:
+      return "asym";
   }
   return "?";
 }
@@ -44,7 +47,8 @@ std::optional<ScaleType> parse_scale_type(std::string_view s) {
 }
 
 std::string check_scheme(const QuantScheme& scheme, int64_t k) {
-  if (std::find(kSupportedBits.begin(), kSupportedBits.end(), scheme.bits) == kSupportedBits.end()) {
+  if (std::find(kSupportedBits.begin(), kSupportedBits.end(), scheme.bits) ==
+      kSupportedBits.end()) {
     return fmt::format("unsupported bits {}; supported: 2, 3, 4, 8", scheme.bits);
   }
   if (std::find(kSupportedModes.begin(), kSupportedModes.end(), scheme.mode) ==

@@ -93,7 +93,8 @@ TEST_CASE("cli: quantize, inspect and dequantize a sharded checkpoint", "[cli]")
     REQUIRE(fc.to_float(name) == dequantize(load_quantized(qc, name)));
   }
   // Every output went through a temporary name: nothing else is left in the directory.
-  CHECK(dir.entries() == std::vector<std::string>{"f.safetensors", "in", "q.safetensors", "r.json"});
+  CHECK(dir.entries() ==
+        std::vector<std::string>{"f.safetensors", "in", "q.safetensors", "r.json"});
 }
 
 TEST_CASE("cli: bad input and arguments fail with one message and no output", "[cli]") {
@@ -101,17 +102,13 @@ TEST_CASE("cli: bad input and arguments fail with one message and no output", "[
   write_synthetic_moe(dir.path() / "in", spec());
   const std::string in = (dir.path() / "in").string();
   const auto out = dir / "out.safetensors";
-  {
-    std::ofstream(out) << "previous output";
-  }
+  { std::ofstream(out) << "previous output"; }
   const std::string o = " --output " + out.string();
   struct Case {
     std::string args;
     std::string message;
   };
-  {
-    std::ofstream(dir / "garbage.safetensors") << "this is not a safetensors file at all";
-  }
+  { std::ofstream(dir / "garbage.safetensors") << "this is not a safetensors file at all"; }
   const std::vector<Case> cases = {
       {"quantize --input " + (dir / "missing").string() + o + " --bits 4", "missing"},
       {"quantize --input " + (dir / "garbage.safetensors").string() + o + " --bits 4",

@@ -57,10 +57,10 @@ TEST_CASE("fp16 conversion rounds to nearest even at the edges", "[core][dtypes]
   CHECK(float_to_half_bits(std::ldexp(1.0f, -24)) == 0x0001);
   CHECK(float_to_half_bits(std::ldexp(1.0f, -25)) == 0x0000);  // tie to even: 0
   CHECK(float_to_half_bits(std::nextafter(std::ldexp(1.0f, -25), 1.0f)) == 0x0001);
-  CHECK(float_to_half_bits(std::ldexp(3.0f, -25)) == 0x0002);  // 1.5 ulp: tie to even 2
-  CHECK(float_to_half_bits(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);        // tie down to even
-  CHECK(float_to_half_bits(1.0f + std::ldexp(3.0f, -11)) == 0x3c02);        // tie up to even
-  CHECK(float_to_half_bits(std::ldexp(1023.5f, -24)) == 0x0400);  // subnormal rounds to normal
+  CHECK(float_to_half_bits(std::ldexp(3.0f, -25)) == 0x0002);         // 1.5 ulp: tie to even 2
+  CHECK(float_to_half_bits(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);  // tie down to even
+  CHECK(float_to_half_bits(1.0f + std::ldexp(3.0f, -11)) == 0x3c02);  // tie up to even
+  CHECK(float_to_half_bits(std::ldexp(1023.5f, -24)) == 0x0400);      // subnormal rounds to normal
   CHECK(float_to_half_bits(-0.0f) == 0x8000);
   CHECK(float_to_half_bits(std::numeric_limits<float>::infinity()) == 0x7c00);
   CHECK(is_nan_half(float_to_half_bits(std::numeric_limits<float>::quiet_NaN())));
@@ -86,7 +86,8 @@ TEST_CASE("bf16 conversion rounds to nearest even", "[core][dtypes]") {
   CHECK(float_to_bf16_bits(1.0f + std::ldexp(3.0f, -8)) == 0x3f82);  // tie to even (up)
   CHECK(float_to_bf16_bits(1.0f + std::ldexp(5.0f, -9)) == 0x3f81);  // above the tie
   CHECK(bf16_bits_to_float(0x4049) == 3.140625f);
-  CHECK(std::isnan(bf16_bits_to_float(float_to_bf16_bits(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(
+      std::isnan(bf16_bits_to_float(float_to_bf16_bits(std::numeric_limits<float>::quiet_NaN()))));
   CHECK(float_to_bf16_bits(std::numeric_limits<float>::max()) == 0x7f80);  // rounds to inf
   std::mt19937 rng(7);
   for (int i = 0; i < 100000; ++i) {

@@ -11,12 +11,12 @@
 
 using namespace moqe;
 
-#define MOQE_REQUIRE_DEVICE()                              \
-  do {                                                     \
-    if (moqe::cuda::device_count() == 0) {                 \
-      WARN("SKIPPED: no CUDA device");                     \
-      return;                                              \
-    }                                                      \
+#define MOQE_REQUIRE_DEVICE()              \
+  do {                                     \
+    if (moqe::cuda::device_count() == 0) { \
+      WARN("SKIPPED: no CUDA device");     \
+      return;                              \
+    }                                      \
   } while (0)
 
 TEST_CASE("cuda: dequantize matches the CPU reference bit for bit", "[cuda]") {

@@ -24,7 +24,8 @@ SyntheticMoeSpec small_spec() {
 
 }  // namespace
 
-TEST_CASE("the default include matches expert weights of every known family only", "[io][convert]") {
+TEST_CASE("the default include matches expert weights of every known family only",
+          "[io][convert]") {
   const std::regex re{std::string(default_include_regex())};
   for (const char* yes : {"model.layers.0.block_sparse_moe.experts.7.w1.weight",
                           "model.layers.3.block_sparse_moe.experts.0.w2.weight",
@@ -34,13 +35,13 @@ TEST_CASE("the default include matches expert weights of every known family only
                           "decoder.block.3.layer.2.mlp.experts.expert_0.wo.weight"}) {
     CHECK(std::regex_search(std::string(yes), re));
   }
-  for (const char* no : {"model.layers.0.block_sparse_moe.gate.weight",
-                         "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_expert.up_proj.weight",
-                         "model.layers.1.mlp.shared_experts.up_proj.weight",
-                         "model.layers.1.mlp.shared_expert_gate.weight",
-                         "encoder.block.1.layer.1.mlp.router.classifier.weight",
-                         "model.embed_tokens.weight", "model.norm.weight",
-                         "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}) {
+  for (const char* no :
+       {"model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.shared_expert.up_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.1.mlp.shared_expert_gate.weight",
+        "encoder.block.1.layer.1.mlp.router.classifier.weight", "model.embed_tokens.weight",
+        "model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}) {
     CHECK_FALSE(std::regex_search(std::string(no), re));
   }
 }
@@ -89,7 +90,8 @@ TEST_CASE("quantize_checkpoint quantizes experts and copies the rest unchanged",
   }
 }
 
-TEST_CASE("quantize_checkpoint options: fixed, adaptive, include/exclude and errors", "[io][convert]") {
+TEST_CASE("quantize_checkpoint options: fixed, adaptive, include/exclude and errors",
+          "[io][convert]") {
   test::TempDir dir;
   write_synthetic_moe(dir.path() / "in", small_spec());
   const Checkpoint in(dir.path() / "in");
@@ -107,21 +109,22 @@ TEST_CASE("quantize_checkpoint options: fixed, adaptive, include/exclude and err
   ConvertReport r = quantize_checkpoint(in, dir / "fixed.safetensors", o);
   CHECK(r.quantized_count == 2);
   const Checkpoint fixed(dir / "fixed.safetensors");
-  CHECK(load_quantized(fixed, "model.layers.0.block_sparse_moe.experts.0.w1.weight").group_size() == 32);
+  CHECK(load_quantized(fixed, "model.layers.0.block_sparse_moe.experts.0.w1.weight").group_size() ==
+        32);
   CHECK_FALSE(is_quantized(fixed, "model.layers.0.block_sparse_moe.experts.0.w3.weight"));
 
-  o = ConvertOptions{};
-  o.group_policy = GroupPolicy::kAdaptive;
-  r = quantize_checkpoint(in, dir / "adaptive.safetensors", o);
+  ConvertOptions a;
+  a.group_policy = GroupPolicy::kAdaptive;
+  r = quantize_checkpoint(in, dir / "adaptive.safetensors", a);
   CHECK(r.quantized_count == 9);
   for (const TensorReport& t : r.tensors) {
     if (t.quantized) CHECK((t.group_size == t.shape[1] || t.shape[1] % t.group_size == 0));
   }
-  o.include_regex = "(";
-  CHECK_THROWS_WITH(quantize_checkpoint(in, dir / "x.safetensors", o),
+  a.include_regex = "(";
+  CHECK_THROWS_WITH(quantize_checkpoint(in, dir / "x.safetensors", a),
                     Catch::Contains("invalid --include regular expression '('"));
   // A router named explicitly is quantized: never by default, always on request.
-  o.include_regex = "gate\\.weight$";
-  r = quantize_checkpoint(in, dir / "router.safetensors", o);
+  a.include_regex = "gate\\.weight$";
+  r = quantize_checkpoint(in, dir / "router.safetensors", a);
   CHECK(r.quantized_count == 1);
 }

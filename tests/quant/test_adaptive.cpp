@@ -34,7 +34,8 @@ TEST_CASE("adaptive tries the dividing candidates and follows the tau rule", "[q
   for (const auto& c : a.candidates) tried.push_back(c.group_size);
   CHECK(tried == std::vector<int64_t>{1408, 128, 64, 32});
   for (const auto& c : a.candidates) {
-    CHECK(c.rel_error == relative_error(v, {4, QuantMode::kSym, c.group_size == k ? 0 : c.group_size}));
+    CHECK(c.rel_error ==
+          relative_error(v, {4, QuantMode::kSym, c.group_size == k ? 0 : c.group_size}));
   }
   const double finest = a.candidates.back().rel_error;
   CHECK(a.threshold == Approx(1.1 * finest));
@@ -52,7 +53,8 @@ TEST_CASE("adaptive tries the dividing candidates and follows the tau rule", "[q
   CHECK(a.chosen_group_size == 64);
 }
 
-TEST_CASE("adaptive on Gaussian weights prefers coarse groups, budgets are honoured", "[quant][adaptive]") {
+TEST_CASE("adaptive on Gaussian weights prefers coarse groups, budgets are honoured",
+          "[quant][adaptive]") {
   const int64_t n = 8, k = 2048;
   std::mt19937 rng(11);
   std::normal_distribution<float> g(0.0f, 1.0f);
@@ -74,7 +76,8 @@ TEST_CASE("adaptive on Gaussian weights prefers coarse groups, budgets are honou
 TEST_CASE("adaptive with K not a multiple of 32 falls to per-channel only", "[quant][adaptive]") {
   std::vector<float> w(3 * 50, 0.5f);
   w[7] = -1.0f;
-  const AdaptiveResult r = quantize_adaptive(MatrixView<const float>(w.data(), 3, 50), {4, QuantMode::kAsym, 0});
+  const AdaptiveResult r =
+      quantize_adaptive(MatrixView<const float>(w.data(), 3, 50), {4, QuantMode::kAsym, 0});
   CHECK(r.candidates.size() == 1);
   CHECK(r.chosen_group_size == 50);
 }

@@ -14,7 +14,8 @@ using namespace moqe;
 namespace {
 
 // Quantizes one row of values per-channel and returns the dequantized row.
-std::vector<float> roundtrip(const std::vector<float>& w, QuantScheme s, QuantizedMatrix* out = nullptr) {
+std::vector<float> roundtrip(const std::vector<float>& w, QuantScheme s,
+                             QuantizedMatrix* out = nullptr) {
   s.group_size = kPerChannel;
   QuantizedMatrix q =
       quantize(MatrixView<const float>(w.data(), 1, static_cast<int64_t>(w.size())), s);
@@ -44,7 +45,8 @@ std::vector<float> random_weights(int64_t n, int64_t k, uint32_t seed) {
 
 TEST_CASE("sym: hand-computed codes, ties away from zero", "[quant][quantize]") {
   QuantizedMatrix q;
-  const auto d = roundtrip({7.0f, -3.5f, 1.75f, 0.5f}, {4, QuantMode::kSym, 0, ScaleType::kF32}, &q);
+  const auto d =
+      roundtrip({7.0f, -3.5f, 1.75f, 0.5f}, {4, QuantMode::kSym, 0, ScaleType::kF32}, &q);
   CHECK(q.scale(0, 0) == 1.0f);
   CHECK(d == std::vector<float>{7.0f, -4.0f, 2.0f, 1.0f});
   // Stored codes are offset binary: q + 8.
@@ -98,30 +100,35 @@ TEST_CASE("an all-zero group has scale 0 and dequantizes to 0", "[quant][quantiz
     const auto d = roundtrip(std::vector<float>(40, 0.0f), {3, mode, 0, ScaleType::kF16}, &q);
     CHECK(q.scale(0, 0) == 0.0f);
     for (float x : d) REQUIRE(x == 0.0f);
-    for (int64_t j = 0; j < 40; ++j) REQUIRE(unpack_code(q.packed_row(0), j, 3) == static_cast<uint32_t>(q.zero(0, 0)));
+    for (int64_t j = 0; j < 40; ++j)
+      REQUIRE(unpack_code(q.packed_row(0), j, 3) == static_cast<uint32_t>(q.zero(0, 0)));
   }
 }
 
-TEST_CASE("asym: a constant group has s = 0 and dequantizes to 0, as the formula gives", "[quant][quantize]") {
+TEST_CASE("asym: a constant group has s = 0 and dequantizes to 0, as the formula gives",
+          "[quant][quantize]") {
   QuantizedMatrix q;
-  const auto d = roundtrip(std::vector<float>(8, 0.75f), {4, QuantMode::kAsym, 0, ScaleType::kF16}, &q);
+  const auto d =
+      roundtrip(std::vector<float>(8, 0.75f), {4, QuantMode::kAsym, 0, ScaleType::kF16}, &q);
   CHECK(q.scale(0, 0) == 0.0f);
   CHECK(q.zero(0, 0) == 0);
   for (float x : d) REQUIRE(x == 0.0f);
   // sym keeps it: s = 0.75 / 7.
-  for (float x : roundtrip(std::vector<float>(8, 0.75f), {4, QuantMode::kSym, 0, ScaleType::kF32})) {
+  for (float x :
+       roundtrip(std::vector<float>(8, 0.75f), {4, QuantMode::kSym, 0, ScaleType::kF32})) {
     REQUIRE(x == 7 * (0.75f / 7));
   }
 }
 
-TEST_CASE("non-finite weights and fp16 scale overflow are errors naming the place", "[quant][quantize]") {
+TEST_CASE("non-finite weights and fp16 scale overflow are errors naming the place",
+          "[quant][quantize]") {
   std::vector<float> w(3 * 64, 0.5f);
   w[1 * 64 + 17] = std::numeric_limits<float>::quiet_NaN();
   w[2 * 64 + 3] = std::numeric_limits<float>::infinity();
   const MatrixView<const float> v(w.data(), 3, 64);
-  CHECK_THROWS_WITH(quantize(v, {4, QuantMode::kSym, 32}, {2, "experts.0.w1.weight"}),
-                    Catch::Contains("tensor 'experts.0.w1.weight'") &&
-                        Catch::Contains("row 1, column 17"));
+  CHECK_THROWS_WITH(
+      quantize(v, {4, QuantMode::kSym, 32}, {2, "experts.0.w1.weight"}),
+      Catch::Contains("tensor 'experts.0.w1.weight'") && Catch::Contains("row 1, column 17"));
   std::vector<float> big(64, 1.0f);
   big[40] = 70000.0f;  // s = 70000 / 1 at 2 bits does not fit fp16
   const MatrixView<const float> vb(big.data(), 1, 64);
@@ -132,7 +139,8 @@ TEST_CASE("non-finite weights and fp16 scale overflow are errors naming the plac
                     Catch::Contains("tensor 'w' of shape [1, 64]: unsupported group_size 48"));
 }
 
-TEST_CASE("quantize -> dequantize stays within half a step (one where clamped)", "[quant][quantize]") {
+TEST_CASE("quantize -> dequantize stays within half a step (one where clamped)",
+          "[quant][quantize]") {
   const int64_t n = 7;
   for (int64_t k : {64, 96, 200, 256}) {
     const std::vector<float> w = random_weights(n, k, static_cast<uint32_t>(k));
@@ -191,7 +199,8 @@ TEST_CASE("quantization is independent of the thread count", "[quant][quantize]"
   CHECK(std::equal(a.qweight().begin(), a.qweight().end(), b.qweight().begin()));
   CHECK(std::equal(a.scales().begin(), a.scales().end(), b.scales().begin()));
   CHECK(std::equal(a.zeros().begin(), a.zeros().end(), b.zeros().begin()));
-  CHECK(quantization_error(view, a, 1).rel_frobenius == quantization_error(view, b, 3).rel_frobenius);
+  CHECK(quantization_error(view, a, 1).rel_frobenius ==
+        quantization_error(view, b, 3).rel_frobenius);
 }
 
 TEST_CASE("storage accounting is exact", "[quant][quantize]") {
@@ -202,26 +211,29 @@ TEST_CASE("storage accounting is exact", "[quant][quantize]") {
   CHECK(q.row_bytes() == 38);
   CHECK(q.storage_bytes() == 5 * (38 + 2 + 1));
   CHECK(q.bits_per_weight() == Approx(5.0 * 41 * 8 / 500.0));
-  const QuantizedMatrix q4 = quantize(MatrixView<const float>(w.data(), 5, 96), {4, QuantMode::kSym, 32});
+  const QuantizedMatrix q4 =
+      quantize(MatrixView<const float>(w.data(), 5, 96), {4, QuantMode::kSym, 32});
   CHECK(q4.bits_per_weight() == Approx(q4.scheme().bits_per_weight(96)));
 }
 
 TEST_CASE("from_parts checks every size and names the tensor", "[quant][quantize]") {
   const QuantScheme s{4, QuantMode::kAsym, 32};
-  CHECK_NOTHROW(QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(64),
-                                            std::vector<float>(4, 1.0f), std::vector<uint8_t>(4, 3)));
-  CHECK_THROWS_WITH(QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(63),
-                                                std::vector<float>(4), std::vector<uint8_t>(4), "x"),
-                    Catch::Contains("x: qweight holds 63 bytes"));
-  CHECK_THROWS_WITH(QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(64),
-                                                std::vector<float>(3), std::vector<uint8_t>(4), "x"),
-                    Catch::Contains("scales hold 3 values"));
-  CHECK_THROWS_WITH(QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(64),
-                                                std::vector<float>(4), std::vector<uint8_t>(4, 16), "x"),
-                    Catch::Contains("zero point 16"));
+  CHECK_NOTHROW(QuantizedMatrix::from_parts(
+      2, 64, s, std::vector<uint8_t>(64), std::vector<float>(4, 1.0f), std::vector<uint8_t>(4, 3)));
   CHECK_THROWS_WITH(
-      QuantizedMatrix::from_parts(1, 64, s, std::vector<uint8_t>(32),
-                                  {1.0f, std::numeric_limits<float>::infinity()},
-                                  std::vector<uint8_t>(2), "x"),
-      Catch::Contains("not finite"));
+      QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(63), std::vector<float>(4),
+                                  std::vector<uint8_t>(4), "x"),
+      Catch::Contains("x: qweight holds 63 bytes"));
+  CHECK_THROWS_WITH(
+      QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(64), std::vector<float>(3),
+                                  std::vector<uint8_t>(4), "x"),
+      Catch::Contains("scales hold 3 values"));
+  CHECK_THROWS_WITH(
+      QuantizedMatrix::from_parts(2, 64, s, std::vector<uint8_t>(64), std::vector<float>(4),
+                                  std::vector<uint8_t>(4, 16), "x"),
+      Catch::Contains("zero point 16"));
+  CHECK_THROWS_WITH(QuantizedMatrix::from_parts(1, 64, s, std::vector<uint8_t>(32),
+                                                {1.0f, std::numeric_limits<float>::infinity()},
+                                                std::vector<uint8_t>(2), "x"),
+                    Catch::Contains("not finite"));
 }

@@ -14,7 +14,8 @@ TEST_CASE("check_scheme accepts the supported table and names what it rejects", 
     }
   }
   CHECK(check_scheme({4, QuantMode::kSym, 100, ScaleType::kF32}, 100).empty());  // G == K
-  CHECK(check_scheme({5, QuantMode::kSym, 128}, 4096) == "unsupported bits 5; supported: 2, 3, 4, 8");
+  CHECK(check_scheme({5, QuantMode::kSym, 128}, 4096) ==
+        "unsupported bits 5; supported: 2, 3, 4, 8");
   CHECK_THAT(check_scheme({3, QuantMode::kSym, 96}, 4096),
              Catch::Contains("unsupported group_size 96 for K = 4096"));
   CHECK_THAT(check_scheme({4, QuantMode::kSym, 48}, 96), Catch::Contains("multiple of 32"));

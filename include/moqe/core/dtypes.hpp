@@ -35,10 +35,11 @@ MOQE_HOST_DEVICE inline uint16_t float_to_half_bits(float f) {
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) {  // inf or NaN
-    return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    return static_cast<uint16_t>(sign | 0x7c00u |
+                                 (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
   }
   if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (ax < 0x38800000u) {                                                // below 2^-14: subnormal
+  if (ax < 0x38800000u) {                                               // below 2^-14: subnormal
     const uint32_t e = ax >> 23;
     if (e < 102) return static_cast<uint16_t>(sign);  // < 2^-25 (2^-25 itself ties to 0)
     const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
@@ -107,6 +108,8 @@ static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2);
 
 // Round a float to the nearest value representable in fp16 (the value the scale will have once
 // stored). Overflow gives inf.
-MOQE_HOST_DEVICE inline float round_to_half(float f) { return half_bits_to_float(float_to_half_bits(f)); }
+MOQE_HOST_DEVICE inline float round_to_half(float f) {
+  return half_bits_to_float(float_to_half_bits(f));
+}
 
 }  // namespace moqe

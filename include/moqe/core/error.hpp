@@ -35,11 +35,11 @@ std::string format_runtime(fmt::string_view f, const Args&... args) {
 
 // MOQE_CHECK(cond, "format {}", args...): throws moqe::Error with the formatted message when cond
 // is false. The message is only formatted on failure.
-#define MOQE_CHECK(cond, ...)                                  \
-  do {                                                         \
-    if (!(cond)) [[unlikely]] {                                \
-      ::moqe::detail::throw_error(MOQE_FORMAT(__VA_ARGS__));   \
-    }                                                          \
+#define MOQE_CHECK(cond, ...)                                \
+  do {                                                       \
+    if (!(cond)) [[unlikely]] {                              \
+      ::moqe::detail::throw_error(MOQE_FORMAT(__VA_ARGS__)); \
+    }                                                        \
   } while (0)
 
 #define MOQE_FAIL(...) ::moqe::detail::throw_error(MOQE_FORMAT(__VA_ARGS__))

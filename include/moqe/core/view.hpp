@@ -20,8 +20,8 @@ class MatrixView {
     MOQE_CHECK(rows >= 0 && cols >= 0, "MatrixView: negative shape [{}, {}]", rows, cols);
     MOQE_CHECK(row_stride_ >= cols_, "MatrixView: row stride {} is smaller than the {} columns",
                row_stride_, cols_);
-    MOQE_CHECK(data != nullptr || rows == 0 || cols == 0, "MatrixView: null data for shape [{}, {}]",
-               rows, cols);
+    MOQE_CHECK(data != nullptr || rows == 0 || cols == 0,
+               "MatrixView: null data for shape [{}, {}]", rows, cols);
   }
   // A contiguous [rows, cols] view of a span, checked for size.
   MatrixView(std::span<T> s, int64_t rows, int64_t cols) : MatrixView(s.data(), rows, cols) {
@@ -32,8 +32,8 @@ class MatrixView {
 
   // A view of const T from a view of T.
   template <class U>
-    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  MatrixView(const MatrixView<U>& o)  // NOLINT(google-explicit-constructor)
+  requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+      MatrixView(const MatrixView<U>& o)  // NOLINT(google-explicit-constructor)
       : data_(o.data()), rows_(o.rows()), cols_(o.cols()), row_stride_(o.row_stride()) {}
 
   T* data() const { return data_; }

@@ -34,10 +34,10 @@ struct ConvertOptions {
   QuantMode mode = QuantMode::kSym;
   ScaleType scale_type = ScaleType::kF16;
   GroupPolicy group_policy = GroupPolicy::kDefault;
-  int64_t group_size = 128;  // for kFixed
-  AdaptiveOptions adaptive;  // for kAdaptive
+  int64_t group_size = 128;                            // for kFixed
+  AdaptiveOptions adaptive;                            // for kAdaptive
   std::string include_regex{default_include_regex()};  // ECMAScript, searched in the name
-  std::string exclude_regex;                            // empty: exclude nothing
+  std::string exclude_regex;                           // empty: exclude nothing
   int num_threads = 0;
 };
 
@@ -46,9 +46,9 @@ struct TensorReport {
   std::vector<int64_t> shape;
   std::string input_dtype;
   bool quantized = false;
-  QuantScheme scheme;          // when quantized
-  int64_t group_size = 0;      // resolved, when quantized
-  ErrorStats error;            // when quantized
+  QuantScheme scheme;      // when quantized
+  int64_t group_size = 0;  // resolved, when quantized
+  ErrorStats error;        // when quantized
   int64_t bytes_in = 0;
   int64_t bytes_out = 0;
   double bits_per_weight = 0;  // exact, from bytes_out

@@ -11,8 +11,23 @@
 namespace moqe {
 
 enum class DType : uint8_t {
-  kBool, kU8, kI8, kF8_E5M2, kF8_E4M3, kF8_E8M0, kI16, kU16, kF16, kBF16,
-  kI32, kU32, kF32, kC64, kF64, kI64, kU64,
+  kBool,
+  kU8,
+  kI8,
+  kF8_E5M2,
+  kF8_E4M3,
+  kF8_E8M0,
+  kI16,
+  kU16,
+  kF16,
+  kBF16,
+  kI32,
+  kU32,
+  kF32,
+  kC64,
+  kF64,
+  kI64,
+  kU64,
 };
 
 // "F32", "BF16", ... as safetensors spells them.

@@ -22,7 +22,7 @@ struct SyntheticMoeSpec {
   double outlier_fraction = 0.005;  // input channels scaled by outlier_scale
   float outlier_scale = 10.0f;
   uint32_t seed = 0;
-  int shards = 1;                   // > 1 writes model-0000i-of-0000n + index
+  int shards = 1;  // > 1 writes model-0000i-of-0000n + index
 };
 
 // Fills w [n, k] with N(0, 1/sqrt(k)) weights whose outlier input channels are scaled.

@@ -13,8 +13,8 @@
 namespace moqe {
 
 struct AdaptiveOptions {
-  double tau = 0.10;                    // relative slack over the finest group's error
-  std::optional<double> error_budget;   // if set: largest G with e(G) <= budget
+  double tau = 0.10;                   // relative slack over the finest group's error
+  std::optional<double> error_budget;  // if set: largest G with e(G) <= budget
   // Candidate group sizes; kPerChannel stands for K. Those that do not divide K are skipped.
   std::vector<int64_t> candidates = {kPerChannel, 1024, 512, 256, 128, 64, 32};
 };
@@ -26,11 +26,11 @@ struct AdaptiveCandidate {
 };
 
 struct AdaptiveResult {
-  QuantizedMatrix matrix;                   // quantized with the chosen group size
-  int64_t chosen_group_size = 0;            // resolved
+  QuantizedMatrix matrix;                     // quantized with the chosen group size
+  int64_t chosen_group_size = 0;              // resolved
   std::vector<AdaptiveCandidate> candidates;  // every candidate tried, largest G first
-  double threshold = 0;                     // the error bound the choice was held to
-  bool budget_met = true;                   // false when no candidate met error_budget
+  double threshold = 0;                       // the error bound the choice was held to
+  bool budget_met = true;                     // false when no candidate met error_budget
 };
 
 // `base` gives bits, mode and scale type; its group_size is ignored.

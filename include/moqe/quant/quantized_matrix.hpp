@@ -67,7 +67,7 @@ class QuantizedMatrix {
 };
 
 struct QuantizeOptions {
-  int num_threads = 0;            // 0: default_num_threads()
+  int num_threads = 0;               // 0: default_num_threads()
   std::string_view name = "matrix";  // the tensor name used in error messages
 };
 

@@ -35,7 +35,9 @@ struct QuantScheme {
   int64_t group_size = 128;  // kPerChannel for one group per row
   ScaleType scale_type = ScaleType::kF16;
 
-  int64_t resolved_group_size(int64_t k) const { return group_size == kPerChannel ? k : group_size; }
+  int64_t resolved_group_size(int64_t k) const {
+    return group_size == kPerChannel ? k : group_size;
+  }
   bool has_zeros() const { return mode == QuantMode::kAsym; }
   int scale_bits() const { return scale_type == ScaleType::kF16 ? 16 : 32; }
   // DESIGN.md: b + (bits of s [+ bits of z]) / G, for a row of k weights.

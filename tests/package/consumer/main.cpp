@@ -11,8 +11,8 @@
 int main() {
   std::vector<float> w(4 * 64);
   for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(i % 15) - 7.0f;
-  const moqe::QuantizedMatrix q =
-      moqe::quantize(moqe::MatrixView<const float>(w.data(), 4, 64), {4, moqe::QuantMode::kSym, 32});
+  const moqe::QuantizedMatrix q = moqe::quantize(moqe::MatrixView<const float>(w.data(), 4, 64),
+                                                 {4, moqe::QuantMode::kSym, 32});
   const std::vector<float> back = moqe::dequantize(q);
   for (size_t i = 0; i < w.size(); ++i) {
     if (back[i] != w[i]) {  // integers in [-7, 7]: the scale is 1 and every value is a level
