@@ -15,6 +15,7 @@
 #include "moqe/io/checkpoint.hpp"
 #include "moqe/io/convert.hpp"
 #include "moqe/io/quantized_format.hpp"
+#include "moqe/moe/loader.hpp"
 #include "table.hpp"
 
 namespace moqe::cli {
@@ -280,6 +281,64 @@ void add_dequantize(CLI::App& app, Action& action) {
                     human_bytes(r.bytes_in).c_str(), human_bytes(r.bytes_out).c_str(), r.seconds,
                     o->output.c_str());
       }
+      return 0;
+    };
+  });
+}
+
+void add_moe_forward(CLI::App& app, Action& action) {
+  struct Opts {
+    std::string weights, prefix, family, config, input, output, device = "cpu";
+    int threads = 0;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("moe-forward", "Run one MoE layer of a checkpoint on x");
+  cmd->add_option("--weights", o->weights, "checkpoint file, index json or directory")->required();
+  cmd->add_option("--prefix", o->prefix, "the layer's tensor prefix, e.g. model.layers.0.mlp")
+      ->required();
+  cmd->add_option("--family", o->family, supported_families())->required();
+  cmd->add_option("--config", o->config, "config.json (default: beside the weights)");
+  cmd->add_option("--input", o->input, "safetensors file with tensor x [T, H] (F32)")->required();
+  cmd->add_option("--output", o->output, "safetensors file for y, topk_ids, topk_weights")
+      ->required();
+  cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str();
+  cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->callback([&action, o] {
+    action = [o] {
+      auto family = parse_family(o->family);
+      MOQE_CHECK(family.has_value(), "unknown --family '{}'; supported: {}", o->family,
+                 supported_families());
+      MOQE_CHECK(o->device == "cpu" || o->device == "cuda",
+                 "unknown --device '{}'; use cpu or cuda", o->device);
+      MOQE_CHECK(o->device == "cpu",
+                 "--device cuda: this build has no CUDA MoE layer yet; use --device cpu");
+      const std::filesystem::path config =
+          o->config.empty() ? default_config_path(o->weights) : std::filesystem::path(o->config);
+      const MoeConfig mc = read_moe_config(config, *family);
+      const Checkpoint weights(o->weights);
+      const MoELayer layer = load_moe_layer(weights, o->prefix, mc, {true, o->threads});
+
+      const Checkpoint in(o->input);
+      MOQE_CHECK(in.contains("x"), "{}: no tensor 'x' (expected F32 [tokens, {}])", o->input,
+                 layer.hidden());
+      const TensorInfo& xi = in.info("x");
+      MOQE_CHECK(xi.dtype == DType::kF32 && xi.shape.size() == 2 && xi.shape[1] == layer.hidden(),
+                 "{}: tensor 'x' is {}, expected F32 [tokens, {}]", o->input, xi.describe(),
+                 layer.hidden());
+      const int64_t t = xi.shape[0], h = layer.hidden();
+      const std::vector<float> x = in.to_float("x");
+      std::vector<float> y(static_cast<size_t>(t * h));
+      MoELayer::Workspace ws = layer.make_workspace(t);
+      layer.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws,
+                {o->threads, {}, {}, 0, {}});
+      const Routing& r = ws.routing;
+      SafetensorsWriter w;
+      w.add_values<float>("y", DType::kF32, {t, h}, y);
+      w.add_values<int32_t>("topk_ids", DType::kI32, {t, r.slots}, r.ids);
+      w.add_values<float>("topk_weights", DType::kF32, {t, r.slots}, r.weights);
+      w.set_metadata("moqe.family", o->family);
+      w.set_metadata("moqe.prefix", o->prefix);
+      w.write(o->output);
       return 0;
     };
   });

@@ -13,5 +13,6 @@ using Action = std::function<int()>;
 void add_inspect(CLI::App& app, Action& action);
 void add_quantize(CLI::App& app, Action& action);
 void add_dequantize(CLI::App& app, Action& action);
+void add_moe_forward(CLI::App& app, Action& action);
 
 }  // namespace moqe::cli

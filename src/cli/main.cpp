@@ -1,4 +1,4 @@
-// moqe: inspect, quantize and dequantize checkpoints (DESIGN.md section 5).
+// moqe: inspect, quantize and dequantize checkpoints, and run one MoE layer (DESIGN.md section 5).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -9,13 +9,16 @@
 #include "moqe/core/error.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moqe: mixture-of-quantized-experts tools (inspect, quantize, dequantize)", "moqe"};
+  CLI::App app{
+      "moqe: mixture-of-quantized-experts tools (inspect, quantize, dequantize, moe-forward)",
+      "moqe"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moqe 0.1.0");
   moqe::cli::Action action;
   moqe::cli::add_inspect(app, action);
   moqe::cli::add_quantize(app, action);
   moqe::cli::add_dequantize(app, action);
+  moqe::cli::add_moe_forward(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

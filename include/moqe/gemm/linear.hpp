@@ -1,0 +1,61 @@
+// QuantizedLinear: y = x . W^T for a weight W [N, K] held in any of moqe's schemes or unquantized
+// (fp32, fp16 or bf16 storage). The CPU reference path decodes one weight row at a time into fp32
+// and takes fixed-order dot products (gemm/reference.hpp), so a quantized layer and an fp32 layer
+// holding its dequantized weights agree bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moqe/core/view.hpp"
+#include "moqe/io/dtype.hpp"
+#include "moqe/quant/quantized_matrix.hpp"
+
+namespace moqe {
+
+enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
+
+class QuantizedLinear {
+ public:
+  QuantizedLinear() = default;
+  static QuantizedLinear from_quantized(QuantizedMatrix q);
+  static QuantizedLinear from_f32(std::vector<float> w, int64_t n, int64_t k);
+  // fp16 or bf16 bit patterns, kept at 2 bytes per weight and decoded per row.
+  static QuantizedLinear from_half(std::vector<uint16_t> bits, DType dtype, int64_t n, int64_t k);
+  // Rows of `a` then rows of `b` in one matrix (gate and up fused). Both must share storage, K and,
+  // when quantized, the scheme; check can_concat first.
+  static bool can_concat(const QuantizedLinear& a, const QuantizedLinear& b);
+  static QuantizedLinear concat_rows(const QuantizedLinear& a, const QuantizedLinear& b);
+
+  int64_t out_features() const { return n_; }
+  int64_t in_features() const { return k_; }
+  WeightStorage storage() const { return storage_; }
+  bool is_quantized() const { return storage_ == WeightStorage::kQuantized; }
+  const QuantizedMatrix& quantized() const { return *q_; }  // only when is_quantized()
+  // Bytes of weight storage (what a forward pass reads).
+  int64_t weight_bytes() const;
+  // "int4 sym g128 f16", "f32", "bf16".
+  std::string describe() const;
+
+  // Row n of W in fp32 (dequantized or converted) into out[0..K).
+  void decode_row(int64_t n, float* out) const;
+  // W in fp32 [N, K] (dequantized or converted).
+  std::vector<float> to_f32() const;
+
+  // y [M, N] = x [M, K] . W^T (y may be a strided view). Parallel over N; no allocation once each
+  // thread has decoded a row of this size.
+  void forward(MatrixView<const float> x, MatrixView<float> y, int num_threads = 0) const;
+
+ private:
+  int64_t n_ = 0, k_ = 0;
+  WeightStorage storage_ = WeightStorage::kF32;
+  // Shared so that copies of a layer (task sub-networks, fused views) do not copy weights.
+  std::shared_ptr<const std::vector<float>> f32_;
+  std::shared_ptr<const std::vector<uint16_t>> half_;
+  std::shared_ptr<const QuantizedMatrix> q_;
+};
+
+}  // namespace moqe

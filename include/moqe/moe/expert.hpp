@@ -1,0 +1,73 @@
+// Expert MLPs: `glu` (down(act(gate x) * up x)) with gate and up fused into one matrix when their
+// storage allows, or `mlp` (down(act(up x))); act = silu | gelu_tanh | gelu | relu.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "moqe/gemm/linear.hpp"
+
+namespace moqe {
+
+enum class Activation : uint8_t { kSilu, kGeluTanh, kGelu, kRelu };
+
+std::string_view to_string(Activation a);
+// Hugging Face `hidden_act` names: silu/swish, gelu, gelu_new/gelu_pytorch_tanh/gelu_fast (tanh),
+// relu.
+std::optional<Activation> parse_activation(std::string_view name);
+
+inline float activate(Activation a, float x) {
+  switch (a) {
+    case Activation::kSilu:
+      return x / (1.0f + std::exp(-x));
+    case Activation::kGeluTanh: {
+      const float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * x * (1.0f + std::tanh(kAlpha * (x + 0.044715f * x * x * x)));
+    }
+    case Activation::kGelu:
+      return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+  }
+  return x;
+}
+
+enum class MlpKind : uint8_t { kGlu, kMlp };
+
+class ExpertMLP {
+ public:
+  ExpertMLP() = default;
+  // gate [I, H], up [I, H], down [H, I]. Fuses gate and up when they share storage and scheme.
+  static ExpertMLP glu(QuantizedLinear gate, QuantizedLinear up, QuantizedLinear down,
+                       Activation act, bool fuse = true);
+  // up [I, H], down [H, I].
+  static ExpertMLP mlp(QuantizedLinear up, QuantizedLinear down, Activation act);
+
+  MlpKind kind() const { return kind_; }
+  Activation activation() const { return act_; }
+  int64_t hidden() const { return down_.out_features(); }
+  int64_t intermediate() const { return down_.in_features(); }
+  bool fused() const { return fused_; }
+  int64_t weight_bytes() const;
+  int64_t parameters() const;
+  std::string describe() const;  // the weights' storage, e.g. "int4 sym g128 f16"
+
+  // Floats of scratch that forward() needs for `rows` rows.
+  int64_t scratch_floats(int64_t rows) const { return rows * 2 * intermediate(); }
+  // y [M, H] = expert(x [M, H]), using scratch (scratch_floats(M) floats).
+  void forward(MatrixView<const float> x, MatrixView<float> y, float* scratch,
+               int num_threads = 0) const;
+
+ private:
+  MlpKind kind_ = MlpKind::kGlu;
+  Activation act_ = Activation::kSilu;
+  bool fused_ = false;
+  QuantizedLinear gate_up_;  // fused: [2I, H], gate rows first
+  QuantizedLinear gate_;     // unfused glu
+  QuantizedLinear up_;       // unfused glu, or mlp
+  QuantizedLinear down_;
+};
+
+}  // namespace moqe

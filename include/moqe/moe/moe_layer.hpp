@@ -1,0 +1,93 @@
+// MoELayer: router + experts (+ shared experts, + a PR-MoE residual MLP), run on a batch of
+// tokens [T, H]. Plan, then run: make_workspace(max_tokens) sizes every buffer once; run() is
+// const (thread-safe, one workspace per calling thread) and does not allocate.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moqe/moe/dispatch.hpp"
+#include "moqe/moe/expert.hpp"
+#include "moqe/moe/router.hpp"
+
+namespace moqe {
+
+// An expert every token passes through. With a gate vector g [H] (Qwen2-MoE) its output is
+// scaled by sigmoid(g . x); without one (DeepSeek) it is added as is.
+struct SharedExpert {
+  std::shared_ptr<const ExpertMLP> mlp;
+  std::vector<float> gate;  // [H] or empty
+};
+
+// PR-MoE (DeepSpeed-MoE): a fixed dense MLP beside the experts; the outputs are mixed by
+// c = softmax(x . Wc^T) over 2: y = c0 * moe(x) + c1 * mlp(x).
+struct ResidualMLP {
+  std::shared_ptr<const ExpertMLP> mlp;
+  std::vector<float> coefficient;  // Wc [2, H]
+};
+
+struct LayerStats {
+  int64_t parameters = 0;    // expert, shared and residual weights (the router's too)
+  int64_t weight_bytes = 0;  // as stored
+  int64_t experts = 0;
+};
+
+// Buffers for running a layer on up to max_tokens tokens (MoELayer::make_workspace).
+struct MoeWorkspace {
+  int64_t max_tokens = 0;
+  Routing routing;  // the routing of the last run (ids, weights, load statistics)
+  DispatchPlan plan;
+  std::vector<float> xe, ye, scratch, extra;
+  std::vector<int32_t> active_tokens;
+};
+
+struct MoeRunOptions {
+  int num_threads = 0;
+  std::span<const uint8_t> active;            // [T]; inactive tokens are skipped, y = 0
+  std::span<const int64_t> sequence_lengths;  // Switch capacity per sequence
+  int32_t task_id = 0;                        // task router
+  std::span<const int32_t> task_ids;          // task router, per token
+};
+
+class MoELayer {
+ public:
+  using Workspace = MoeWorkspace;
+  using RunOptions = MoeRunOptions;
+
+  MoELayer() = default;
+  MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> experts,
+           std::vector<SharedExpert> shared = {}, std::optional<ResidualMLP> residual = {});
+
+  const Router& router() const { return router_; }
+  int64_t hidden() const { return hidden_; }
+  int64_t num_experts() const { return static_cast<int64_t>(experts_.size()); }
+  const ExpertMLP& expert(int64_t e) const { return *experts_[e]; }
+  const std::vector<std::shared_ptr<const ExpertMLP>>& experts() const { return experts_; }
+  const std::vector<SharedExpert>& shared_experts() const { return shared_; }
+  const std::optional<ResidualMLP>& residual() const { return residual_; }
+  LayerStats stats() const;
+
+  Workspace make_workspace(int64_t max_tokens) const;
+  // y [T, H] = layer(x [T, H]). T <= ws.max_tokens. ws.routing holds the routing afterwards.
+  void run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
+           const RunOptions& options = {}) const;
+
+  // Task-MoE deployment: a smaller layer holding only the experts the task routes to (in the
+  // task's order), with a task router over them; shared experts and the residual MLP are kept.
+  // The weights are shared with this layer, not copied.
+  MoELayer extract_task(int32_t task_id) const;
+
+ private:
+  Router router_;
+  std::vector<std::shared_ptr<const ExpertMLP>> experts_;
+  std::vector<SharedExpert> shared_;
+  std::optional<ResidualMLP> residual_;
+  int64_t hidden_ = 0;
+  int64_t max_intermediate_ = 0;
+};
+
+}  // namespace moqe

@@ -1,0 +1,172 @@
+#include "moqe/gemm/linear.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "moqe/core/dtypes.hpp"
+#include "moqe/core/threading.hpp"
+#include "moqe/gemm/reference.hpp"
+#include "moqe/quant/numerics.hpp"
+
+namespace moqe {
+
+QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q) {
+  QuantizedLinear l;
+  l.n_ = q.rows();
+  l.k_ = q.cols();
+  l.storage_ = WeightStorage::kQuantized;
+  l.q_ = std::make_shared<const QuantizedMatrix>(std::move(q));
+  return l;
+}
+
+QuantizedLinear QuantizedLinear::from_f32(std::vector<float> w, int64_t n, int64_t k) {
+  MOQE_CHECK(n >= 0 && k > 0 && static_cast<int64_t>(w.size()) == n * k,
+             "QuantizedLinear: {} fp32 values do not make a [{}, {}] weight", w.size(), n, k);
+  QuantizedLinear l;
+  l.n_ = n;
+  l.k_ = k;
+  l.storage_ = WeightStorage::kF32;
+  l.f32_ = std::make_shared<const std::vector<float>>(std::move(w));
+  return l;
+}
+
+QuantizedLinear QuantizedLinear::from_half(std::vector<uint16_t> bits, DType dtype, int64_t n,
+                                           int64_t k) {
+  MOQE_CHECK(dtype == DType::kF16 || dtype == DType::kBF16,
+             "QuantizedLinear: 2-byte weights must be F16 or BF16, not {}", dtype_name(dtype));
+  MOQE_CHECK(n >= 0 && k > 0 && static_cast<int64_t>(bits.size()) == n * k,
+             "QuantizedLinear: {} values do not make a [{}, {}] weight", bits.size(), n, k);
+  QuantizedLinear l;
+  l.n_ = n;
+  l.k_ = k;
+  l.storage_ = dtype == DType::kF16 ? WeightStorage::kF16 : WeightStorage::kBF16;
+  l.half_ = std::make_shared<const std::vector<uint16_t>>(std::move(bits));
+  return l;
+}
+
+bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear& b) {
+  if (a.storage_ != b.storage_ || a.k_ != b.k_) return false;
+  if (a.is_quantized()) {
+    return a.q_->scheme().bits == b.q_->scheme().bits &&
+           a.q_->scheme().mode == b.q_->scheme().mode && a.q_->group_size() == b.q_->group_size() &&
+           a.q_->scheme().scale_type == b.q_->scheme().scale_type;
+  }
+  return true;
+}
+
+QuantizedLinear QuantizedLinear::concat_rows(const QuantizedLinear& a, const QuantizedLinear& b) {
+  MOQE_CHECK(can_concat(a, b), "QuantizedLinear: cannot fuse {} [{}, {}] with {} [{}, {}]",
+             a.describe(), a.n_, a.k_, b.describe(), b.n_, b.k_);
+  auto cat = [](const auto& x, const auto& y) {
+    std::remove_cvref_t<decltype(x)> out(x.begin(), x.end());
+    out.insert(out.end(), y.begin(), y.end());
+    return out;
+  };
+  switch (a.storage_) {
+    case WeightStorage::kF32:
+      return from_f32(cat(*a.f32_, *b.f32_), a.n_ + b.n_, a.k_);
+    case WeightStorage::kF16:
+    case WeightStorage::kBF16:
+      return from_half(cat(*a.half_, *b.half_),
+                       a.storage_ == WeightStorage::kF16 ? DType::kF16 : DType::kBF16, a.n_ + b.n_,
+                       a.k_);
+    case WeightStorage::kQuantized: {
+      const QuantizedMatrix& qa = *a.q_;
+      const QuantizedMatrix& qb = *b.q_;
+      QuantScheme s = qa.scheme();
+      s.group_size = qa.group_size() == qa.cols() ? kPerChannel : qa.group_size();
+      return from_quantized(QuantizedMatrix::from_parts(
+          qa.rows() + qb.rows(), qa.cols(), s,
+          cat(std::vector<uint8_t>(qa.qweight().begin(), qa.qweight().end()),
+              std::vector<uint8_t>(qb.qweight().begin(), qb.qweight().end())),
+          cat(std::vector<float>(qa.scales().begin(), qa.scales().end()),
+              std::vector<float>(qb.scales().begin(), qb.scales().end())),
+          cat(std::vector<uint8_t>(qa.zeros().begin(), qa.zeros().end()),
+              std::vector<uint8_t>(qb.zeros().begin(), qb.zeros().end())),
+          "fused gate_up"));
+    }
+  }
+  MOQE_FAIL("QuantizedLinear: unknown storage");
+}
+
+int64_t QuantizedLinear::weight_bytes() const {
+  switch (storage_) {
+    case WeightStorage::kF32:
+      return n_ * k_ * 4;
+    case WeightStorage::kF16:
+    case WeightStorage::kBF16:
+      return n_ * k_ * 2;
+    case WeightStorage::kQuantized:
+      return q_->storage_bytes();
+  }
+  return 0;
+}
+
+std::string QuantizedLinear::describe() const {
+  switch (storage_) {
+    case WeightStorage::kF32:
+      return "f32";
+    case WeightStorage::kF16:
+      return "f16";
+    case WeightStorage::kBF16:
+      return "bf16";
+    case WeightStorage::kQuantized:
+      return q_->scheme().to_string();
+  }
+  return "?";
+}
+
+void QuantizedLinear::decode_row(int64_t n, float* out) const {
+  switch (storage_) {
+    case WeightStorage::kF32:
+      std::memcpy(out, f32_->data() + n * k_, sizeof(float) * static_cast<size_t>(k_));
+      return;
+    case WeightStorage::kF16: {
+      const uint16_t* src = half_->data() + n * k_;
+      for (int64_t i = 0; i < k_; ++i) out[i] = half_bits_to_float(src[i]);
+      return;
+    }
+    case WeightStorage::kBF16: {
+      const uint16_t* src = half_->data() + n * k_;
+      for (int64_t i = 0; i < k_; ++i) out[i] = bf16_bits_to_float(src[i]);
+      return;
+    }
+    case WeightStorage::kQuantized: {
+      const QuantizedMatrix& q = *q_;
+      const int64_t g = q.group_size();
+      const uint8_t* row = q.packed_row(n);
+      for (int64_t j = 0; j < q.groups_per_row(); ++j) {
+        const float s = q.scale(n, j);
+        const int z = q.zero(n, j);
+        for (int64_t c = j * g; c < (j + 1) * g; ++c) {
+          out[c] = dequantize_code(unpack_code(row, c, q.bits()), z, s);
+        }
+      }
+      return;
+    }
+  }
+}
+
+std::vector<float> QuantizedLinear::to_f32() const {
+  std::vector<float> w(static_cast<size_t>(n_ * k_));
+  for (int64_t n = 0; n < n_; ++n) decode_row(n, w.data() + n * k_);
+  return w;
+}
+
+void QuantizedLinear::forward(MatrixView<const float> x, MatrixView<float> y,
+                              int num_threads) const {
+  MOQE_CHECK(x.cols() == k_ && y.rows() == x.rows() && y.cols() == n_,
+             "QuantizedLinear [{}, {}]: input {} and output {} do not fit", n_, k_, shape_string(x),
+             shape_string(y));
+  if (x.rows() == 0 || n_ == 0) return;
+  parallel_for(n_, num_threads, 8, [&](int64_t n0, int64_t n1) {
+    thread_local std::vector<float> row;
+    if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* w = f32_ ? f32_->data() + n * k_ : (decode_row(n, row.data()), row.data());
+      for (int64_t m = 0; m < x.rows(); ++m) y(m, n) = dot_f32(x.row(m), w, k_);
+    }
+  });
+}
+
+}  // namespace moqe

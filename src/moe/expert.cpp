@@ -1,0 +1,109 @@
+#include "moqe/moe/expert.hpp"
+
+#include <fmt/core.h>
+
+namespace moqe {
+
+std::string_view to_string(Activation a) {
+  switch (a) {
+    case Activation::kSilu:
+      return "silu";
+    case Activation::kGeluTanh:
+      return "gelu_tanh";
+    case Activation::kGelu:
+      return "gelu";
+    case Activation::kRelu:
+      return "relu";
+  }
+  return "?";
+}
+
+std::optional<Activation> parse_activation(std::string_view n) {
+  if (n == "silu" || n == "swish") return Activation::kSilu;
+  if (n == "gelu") return Activation::kGelu;
+  if (n == "gelu_tanh" || n == "gelu_new" || n == "gelu_pytorch_tanh" || n == "gelu_fast") {
+    return Activation::kGeluTanh;
+  }
+  if (n == "relu") return Activation::kRelu;
+  return std::nullopt;
+}
+
+ExpertMLP ExpertMLP::glu(QuantizedLinear gate, QuantizedLinear up, QuantizedLinear down,
+                         Activation act, bool fuse) {
+  MOQE_CHECK(gate.out_features() == up.out_features() && gate.in_features() == up.in_features() &&
+                 down.in_features() == gate.out_features() &&
+                 down.out_features() == gate.in_features(),
+             "ExpertMLP: gate [{}, {}], up [{}, {}] and down [{}, {}] do not form a GLU",
+             gate.out_features(), gate.in_features(), up.out_features(), up.in_features(),
+             down.out_features(), down.in_features());
+  ExpertMLP m;
+  m.kind_ = MlpKind::kGlu;
+  m.act_ = act;
+  if (fuse && QuantizedLinear::can_concat(gate, up)) {
+    m.fused_ = true;
+    m.gate_up_ = QuantizedLinear::concat_rows(gate, up);
+  } else {
+    m.gate_ = std::move(gate);
+    m.up_ = std::move(up);
+  }
+  m.down_ = std::move(down);
+  return m;
+}
+
+ExpertMLP ExpertMLP::mlp(QuantizedLinear up, QuantizedLinear down, Activation act) {
+  MOQE_CHECK(down.in_features() == up.out_features() && down.out_features() == up.in_features(),
+             "ExpertMLP: up [{}, {}] and down [{}, {}] do not form an MLP", up.out_features(),
+             up.in_features(), down.out_features(), down.in_features());
+  ExpertMLP m;
+  m.kind_ = MlpKind::kMlp;
+  m.act_ = act;
+  m.up_ = std::move(up);
+  m.down_ = std::move(down);
+  return m;
+}
+
+int64_t ExpertMLP::weight_bytes() const {
+  return gate_up_.weight_bytes() + gate_.weight_bytes() + up_.weight_bytes() + down_.weight_bytes();
+}
+
+int64_t ExpertMLP::parameters() const {
+  const int64_t h = hidden(), i = intermediate();
+  return (kind_ == MlpKind::kGlu ? 3 : 2) * h * i;
+}
+
+std::string ExpertMLP::describe() const {
+  return fused_ ? gate_up_.describe() : (kind_ == MlpKind::kGlu ? gate_ : up_).describe();
+}
+
+void ExpertMLP::forward(MatrixView<const float> x, MatrixView<float> y, float* scratch,
+                        int num_threads) const {
+  const int64_t m = x.rows(), i = intermediate();
+  MOQE_CHECK(x.cols() == hidden() && y.cols() == hidden() && y.rows() == m,
+             "ExpertMLP (hidden {}): input {} and output {} do not fit", hidden(), shape_string(x),
+             shape_string(y));
+  if (m == 0) return;
+  // scratch: h [M, 2I] (gate then up per row); the activated product overwrites the gate half.
+  MatrixView<float> h(scratch, m, 2 * i);
+  MatrixView<float> a(scratch, m, i, 2 * i);
+  if (kind_ == MlpKind::kGlu) {
+    if (fused_) {
+      gate_up_.forward(x, h, num_threads);
+    } else {
+      gate_.forward(x, h.block(0, 0, m, i), num_threads);
+      up_.forward(x, h.block(0, i, m, i), num_threads);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = h.row(r);
+      for (int64_t c = 0; c < i; ++c) row[c] = activate(act_, row[c]) * row[i + c];
+    }
+  } else {
+    up_.forward(x, a, num_threads);
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = a.row(r);
+      for (int64_t c = 0; c < i; ++c) row[c] = activate(act_, row[c]);
+    }
+  }
+  down_.forward(MatrixView<const float>(a), y, num_threads);
+}
+
+}  // namespace moqe
