@@ -414,9 +414,16 @@ def generate(out_dir, families, quiet=False):
                 if case["family"] == "switch":
                     extra = f", dropped {int((res['admitted'] == 0).sum())}/{T_TOKENS}"
                 print(f"  wrote {name:24s} {type(block).__name__} k={case_k(case)}{extra}")
-    with open(os.path.join(out_dir, "cases.json"), "w") as f:
+    idx_path = os.path.join(out_dir, "cases.json")
+    merged = {}
+    if families is not None and os.path.exists(idx_path):  # keep other families' cases
+        with open(idx_path) as f:
+            merged = {k: v for k, v in json.load(f).get("cases", {}).items()
+                      if v["family"] not in families}
+    merged.update(index)
+    with open(idx_path, "w") as f:
         json.dump(dict(transformers=transformers.__version__, torch=torch.__version__,
-                       tokens=T_TOKENS, hidden=HIDDEN, cases=index), f, indent=2)
+                       tokens=T_TOKENS, hidden=HIDDEN, cases=merged), f, indent=2)
     return index
 
 
@@ -634,8 +641,12 @@ def print_table(rows):
 
 
 def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
-    with open(os.path.join(out_dir, "cases.json")) as f:
-        index = json.load(f)["cases"]
+    try:
+        with open(os.path.join(out_dir, "cases.json")) as f:
+            index = json.load(f)["cases"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"cannot read {out_dir}/cases.json ({e}): generate the cases first", file=sys.stderr)
+        return 1
     cmd0 = shlex.split(moqe_cmd)
     rows, failures = [], 0
     tmp = tempfile.mkdtemp(prefix="hf_crosscheck_")
@@ -648,6 +659,8 @@ def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
             cmd = cmd0 + ["moe-forward", "--weights", d, "--prefix", meta["prefix"],
                           "--family", meta["family"], "--input", os.path.join(d, "x.safetensors"),
                           "--output", y_path]
+            if meta["family"] == "switch":  # moqe's default is DESIGN's pass-through (4.x)
+                cmd += ["--switch-dropped", "passthrough" if switch_dropped == "legacy" else "zero"]
             exp = st_load(os.path.join(d, "expected.safetensors"))
             y_key = "y_legacy" if (meta["family"] == "switch" and switch_dropped == "legacy") else "y"
             blank = dict(ok=False, ids_agree=0, order_agree=0, w_err=float("nan"),
@@ -660,7 +673,8 @@ def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
                 continue
             if p.returncode != 0 or not os.path.exists(y_path):
                 err = (p.stderr or p.stdout).strip().replace("\n", " | ")[-400:]
-                rows.append((name, dict(blank, msg=f"exit {p.returncode}: {err}")))
+                what = f"exit {p.returncode}" if p.returncode != 0 else "exit 0 but no output file"
+                rows.append((name, dict(blank, msg=f"{what}: {err}")))
                 failures += 1
                 continue
             try:
@@ -682,6 +696,10 @@ def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
             failures += int(not r["ok"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not rows:
+        print(f"no cases for {families or 'any family'} in {out_dir}/cases.json: generate them "
+              "first (run without --reuse)", file=sys.stderr)
+        return 1
     print_table(rows)
     print(f"{len(rows) - failures} passed, {failures} failed")
     return 1 if failures or not rows else 0
@@ -700,9 +718,11 @@ def as_moqe(argv):
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--config")
+    ap.add_argument("--switch-dropped", choices=["passthrough", "zero"], default="passthrough")
     a = ap.parse_args(argv)
     d = a.weights if os.path.isdir(a.weights) else os.path.dirname(a.weights)
-    r = numpy_reference(d, a.family, a.prefix)
+    r = numpy_reference(d, a.family, a.prefix,
+                        switch_dropped="legacy" if a.switch_dropped == "passthrough" else "hf")
     tmp = a.output + ".tmp"
     st_save(tmp, {"y": r["y"].astype(np.float32), "topk_ids": r["topk_ids"].astype(np.int32),
                   "topk_weights": r["topk_weights"].astype(np.float32)})
@@ -776,7 +796,7 @@ def self_test(out_dir, families):
             extra.append("ORDER MISMATCH for a sorted-topk family")
         print(f"  {name:26s} " + "; ".join(extra))
     print_table(rows)
-    if name_ok := all(r["ok"] for _, r in rows):
+    if all(r["ok"] for _, r in rows):
         print("  numpy reference agrees with every case")
 
     print("\n[2] fused copies equal the per-expert files")

@@ -289,6 +289,7 @@ void add_dequantize(CLI::App& app, Action& action) {
 void add_moe_forward(CLI::App& app, Action& action) {
   struct Opts {
     std::string weights, prefix, family, config, input, output, device = "cpu";
+    std::string switch_dropped = "passthrough";
     int threads = 0;
   };
   auto o = std::make_shared<Opts>();
@@ -303,8 +304,14 @@ void add_moe_forward(CLI::App& app, Action& action) {
       ->required();
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--switch-dropped", o->switch_dropped,
+                  "switch: a token over capacity outputs p_max * x (passthrough; transformers 4) "
+                  "or 0 (zero; transformers 5)")
+      ->capture_default_str();
   cmd->callback([&action, o] {
     action = [o] {
+      MOQE_CHECK(o->switch_dropped == "passthrough" || o->switch_dropped == "zero",
+                 "unknown --switch-dropped '{}'; use passthrough or zero", o->switch_dropped);
       auto family = parse_family(o->family);
       MOQE_CHECK(family.has_value(), "unknown --family '{}'; supported: {}", o->family,
                  supported_families());
@@ -316,7 +323,8 @@ void add_moe_forward(CLI::App& app, Action& action) {
           o->config.empty() ? default_config_path(o->weights) : std::filesystem::path(o->config);
       const MoeConfig mc = read_moe_config(config, *family);
       const Checkpoint weights(o->weights);
-      const MoELayer layer = load_moe_layer(weights, o->prefix, mc, {true, o->threads});
+      const MoELayer layer = load_moe_layer(weights, o->prefix, mc,
+                                            {true, o->threads, o->switch_dropped == "passthrough"});
 
       const Checkpoint in(o->input);
       MOQE_CHECK(in.contains("x"), "{}: no tensor 'x' (expected F32 [tokens, {}])", o->input,

@@ -166,7 +166,7 @@ MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
   std::string act = "silu";
   switch (family) {
     case Family::kMixtral:
-      c.num_experts = get_int("num_local_experts", 8);
+      c.num_experts = get_int("num_local_experts", get_int("num_experts", 8));
       c.top_k = get_int("num_experts_per_tok", 2);
       c.norm_topk_prob = true;
       act = get_str("hidden_act", "silu");
@@ -174,9 +174,11 @@ MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
     case Family::kQwen2Moe:
     case Family::kQwen3Moe:
     case Family::kOlmoe:
-      c.num_experts = get_int("num_experts", family == Family::kQwen2Moe   ? 60
-                                             : family == Family::kQwen3Moe ? 128
-                                                                           : 64);
+      // transformers 5 may write "num_experts": null beside "num_local_experts".
+      c.num_experts =
+          get_int("num_experts", get_int("num_local_experts", family == Family::kQwen2Moe   ? 60
+                                                              : family == Family::kQwen3Moe ? 128
+                                                                                            : 64));
       c.top_k = get_int("num_experts_per_tok", family == Family::kQwen2Moe ? 4 : 8);
       c.norm_topk_prob = get_bool("norm_topk_prob", false);
       act = get_str("hidden_act", "silu");
@@ -286,6 +288,7 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
     case Family::kSwitch:
       rc.kind = RouterKind::kSwitch;
       rc.expert_capacity = c.expert_capacity;
+      rc.switch_passthrough = options.switch_passthrough;
       break;
   }
   Router router(std::move(rc), load_weight_f32(ckpt, gate_name, options.num_threads).values, h);

@@ -248,12 +248,9 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
               } else {
                 topk_indices(p, e, k, ids);
               }
-              float sum = 0;
-              for (int64_t j = 0; j < k; ++j) sum += (w[j] = p[ids[j]]);
-              if (c.norm_topk_prob && k > 1) {
-                for (int64_t j = 0; j < k; ++j) w[j] /= sum + 1e-20f;
-              }
-              for (int64_t j = 0; j < k; ++j) w[j] *= c.routed_scaling_factor;
+              // As the Hugging Face implementation: never renormalized (norm_topk_prob is not
+              // read for V2), always scaled.
+              for (int64_t j = 0; j < k; ++j) w[j] = p[ids[j]] * c.routed_scaling_factor;
               break;
             }
             case RouterKind::kDeepSeekV3: {
@@ -335,7 +332,7 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
         const int32_t id = out.ids[t];
         if (++load[id] > c.expert_capacity) {
           out.kept[t] = 0;
-          out.passthrough[t] = 1;  // as in the reference: the token's output is p_max * x
+          out.passthrough[t] = c.switch_passthrough ? 1 : 0;  // output p_max * x, or 0
           out.expert_dropped[id]++;
         }
       }

@@ -52,6 +52,8 @@ MoeConfig read_moe_config(const std::filesystem::path& config_json, Family famil
 struct LoadOptions {
   bool fuse_gate_up = true;  // fuse gate and up into one matrix where their storage allows
   int num_threads = 0;
+  // Switch tokens over capacity: p_max * x (DESIGN.md; transformers 4.x) or 0 (transformers 5.x).
+  bool switch_passthrough = true;
 };
 
 // The layer at `prefix` (e.g. "model.layers.0.block_sparse_moe" or "model.layers.1.mlp").

@@ -18,7 +18,8 @@ namespace moqe {
 enum class RouterKind : uint8_t {
   kSoftmaxTopK,   // p = softmax(logits); top-k of p; renormalized iff norm_topk_prob
   kMixtral,       // softmax_topk with renormalization always on
-  kDeepSeekV2,    // softmax; greedy or group-limited greedy; times routed_scaling_factor
+  kDeepSeekV2,    // softmax; greedy or group-limited greedy; times routed_scaling_factor (never
+                  // renormalized, as transformers does: norm_topk_prob is ignored)
   kDeepSeekV3,    // sigmoid + correction bias for selection, group top-2 scoring
   kSwitch,        // softmax top-1, per-sequence expert capacity, dropped tokens pass through
   kTask,          // a task id selects fixed experts and weights (Task-MoE)
@@ -52,6 +53,9 @@ struct RouterConfig {
   // admits ceil(capacity_factor * T * top_k / E) slots per expert, in token order.
   int64_t expert_capacity = 0;
   double capacity_factor = 0;
+  // Switch: a token over capacity outputs p_max * x (DESIGN.md, transformers 4.x) when true, or 0
+  // (transformers 5.x, where only the model's residual carries it) when false.
+  bool switch_passthrough = true;
   // Task routing: tasks[id].
   std::vector<TaskRoute> tasks;
 };
