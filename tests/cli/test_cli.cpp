@@ -4,6 +4,7 @@
 
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 
 #include "moqe/io/quantized_format.hpp"
 #include "moqe/io/synthetic.hpp"
+#include "moqe/moe/loader.hpp"
 #include "test_util.hpp"
 
 using namespace moqe;
@@ -139,4 +141,90 @@ TEST_CASE("cli: bad input and arguments fail with one message and no output", "[
   CHECK(moqe_cli(dir, "frobnicate").status != 0);
   CHECK(moqe_cli(dir, "").status != 0);
   CHECK(dir.entries() == std::vector<std::string>{"garbage.safetensors", "in", "out.safetensors"});
+}
+
+TEST_CASE("cli: moe-forward runs a layer and reports its routing", "[cli]") {
+  test::TempDir dir;
+  SyntheticMoeSpec s;
+  s.family = "deepseek_v3";
+  s.hidden = 64;
+  s.intermediate = 32;
+  s.experts = 8;
+  s.top_k = 3;
+  s.n_group = 4;
+  s.topk_group = 2;
+  s.shared_intermediate = 32;
+  s.shards = 2;
+  write_synthetic_moe(dir.path() / "model", s);
+  const int64_t t = 5, h = 64;
+  std::vector<float> x(static_cast<size_t>(t * h));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+  {
+    SafetensorsWriter w;
+    w.add_values<float>("x", DType::kF32, {t, h}, x);
+    w.write(dir / "x.safetensors");
+  }
+  const std::string common = "moe-forward --weights " + (dir.path() / "model").string() +
+                             " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
+                             (dir / "x.safetensors").string();
+  Run r = moqe_cli(dir, common + " --output " + (dir / "y.safetensors").string());
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const Checkpoint out(dir / "y.safetensors");
+  CHECK(out.info("y").shape == std::vector<int64_t>{t, h});
+  CHECK(out.info("topk_ids").dtype == DType::kI32);
+  CHECK(out.info("topk_ids").shape == std::vector<int64_t>{t, 3});
+  CHECK(out.info("topk_weights").shape == std::vector<int64_t>{t, 3});
+  // The same as the library's layer.
+  const MoELayer layer =
+      load_moe_layer(Checkpoint(dir.path() / "model"), "model.layers.0.mlp",
+                     read_moe_config(dir.path() / "model" / "config.json", Family::kDeepSeekV3));
+  std::vector<float> y(x.size());
+  auto ws = layer.make_workspace(t);
+  layer.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws);
+  CHECK(out.to_float("y") == y);
+  CHECK(out.to_float("topk_weights") == ws.routing.weights);
+
+  struct Case {
+    std::string args, message;
+  };
+  {
+    SafetensorsWriter w;
+    w.add_values<float>("x", DType::kF32, {t, 32}, std::span<const float>(x.data(), t * 32));
+    w.write(dir / "x32.safetensors");
+  }
+  const std::string o = " --output " + (dir / "bad.safetensors").string();
+  const std::string model = (dir.path() / "model").string();
+  const std::vector<Case> cases = {
+      {common + o + " --device cuda", "--device cuda"},
+      {common + o + " --device tpu", "unknown --device 'tpu'"},
+      {"moe-forward --weights " + model + " --prefix model.layers.0.mlp --family llama --input " +
+           (dir / "x.safetensors").string() + o,
+       "unknown --family 'llama'"},
+      {"moe-forward --weights " + model +
+           " --prefix model.layers.3.mlp --family deepseek_v3 --input " +
+           (dir / "x.safetensors").string() + o,
+       "missing tensor 'model.layers.3.mlp.gate.weight'"},
+      {"moe-forward --weights " + model +
+           " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
+           (dir / "x32.safetensors").string() + o,
+       "tensor 'x' is F32 [5, 32], expected F32 [tokens, 64]"},
+      {"moe-forward --weights " + model +
+           " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
+           (dir / "y.safetensors").string() + o,
+       "no tensor 'x'"},
+      {"moe-forward --weights " + model + " --config " + (dir / "none.json").string() +
+           " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
+           (dir / "x.safetensors").string() + o,
+       "none.json"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.args);
+    const Run e = moqe_cli(dir, c.args);
+    CHECK(e.status != 0);
+    CHECK(e.status < 128);
+    CHECK_THAT(e.err, Catch::StartsWith("moqe: error: ") && Catch::Contains(c.message));
+    CHECK(count_lines(e.err) == 1);
+    CHECK_FALSE(std::filesystem::exists(dir / "bad.safetensors"));
+  }
 }

@@ -32,14 +32,14 @@ struct SyntheticMoeSpec {
   bool fused_experts = false;       // experts.gate_up_proj [E, 2I, H] + experts.down_proj [E, H, I]
   DType dtype = DType::kBF16;       // F32, F16 or BF16 (the router and biases too)
   double outlier_fraction = 0.005;  // input channels scaled by outlier_scale
-  float outlier_scale = 10.0f;
+  float outlier_scale = 4.0f;
   uint32_t seed = 0;
   int shards = 1;  // > 1 writes model-0000i-of-0000n + index
 };
 
 // Fills w [n, k] with N(0, 1/sqrt(k)) weights whose outlier input channels are scaled.
 std::vector<float> synthetic_weights(int64_t n, int64_t k, uint32_t seed,
-                                     double outlier_fraction = 0.005, float outlier_scale = 10.0f);
+                                     double outlier_fraction = 0.005, float outlier_scale = 4.0f);
 
 // The tensor prefix of MoE layer `layer` ("model.layers.0.block_sparse_moe", ...).
 std::string synthetic_moe_prefix(const SyntheticMoeSpec& spec, int64_t layer = 0);
