@@ -9,7 +9,22 @@
 #include <string>
 #include <vector>
 
+#include "moqe/core/cpu.hpp"
+
 namespace moqe::test {
+
+// Caps the CPU kernels for layers built in this scope (e.g. kReference for bit-exact checks,
+// whose summation order is the reference's).
+class ScopedCpuIsa {
+ public:
+  explicit ScopedCpuIsa(CpuIsa cap) : previous_(cpu_isa_cap()) { set_cpu_isa_cap(cap); }
+  ~ScopedCpuIsa() { set_cpu_isa_cap(previous_); }
+  ScopedCpuIsa(const ScopedCpuIsa&) = delete;
+  ScopedCpuIsa& operator=(const ScopedCpuIsa&) = delete;
+
+ private:
+  CpuIsa previous_;
+};
 
 // A fresh directory under the system temp dir, removed with everything in it on destruction.
 class TempDir {

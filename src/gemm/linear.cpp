@@ -1,5 +1,7 @@
 #include "moqe/gemm/linear.hpp"
 
+#include "cpu_kernels.hpp"
+
 #include <algorithm>
 #include <cstring>
 
@@ -16,6 +18,7 @@ QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q) {
   l.k_ = q.cols();
   l.storage_ = WeightStorage::kQuantized;
   l.q_ = std::make_shared<const QuantizedMatrix>(std::move(q));
+  l.choose_kernel();
   return l;
 }
 
@@ -27,6 +30,7 @@ QuantizedLinear QuantizedLinear::from_f32(std::vector<float> w, int64_t n, int64
   l.k_ = k;
   l.storage_ = WeightStorage::kF32;
   l.f32_ = std::make_shared<const std::vector<float>>(std::move(w));
+  l.choose_kernel();
   return l;
 }
 
@@ -41,7 +45,22 @@ QuantizedLinear QuantizedLinear::from_half(std::vector<uint16_t> bits, DType dty
   l.k_ = k;
   l.storage_ = dtype == DType::kF16 ? WeightStorage::kF16 : WeightStorage::kBF16;
   l.half_ = std::make_shared<const std::vector<uint16_t>>(std::move(bits));
+  l.choose_kernel();
   return l;
+}
+
+void QuantizedLinear::choose_kernel() {
+  isa_ = CpuIsa::kReference;
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+  if (active_cpu_isa() >= CpuIsa::kAvx2) {
+    if (storage_ != WeightStorage::kQuantized) {
+      isa_ = CpuIsa::kAvx2;
+    } else if (detail::can_pack(*q_)) {
+      packed_ = std::make_shared<const detail::PackedQuant>(detail::pack(*q_));
+      isa_ = CpuIsa::kAvx2;
+    }
+  }
+#endif
 }
 
 bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear& b) {
@@ -87,6 +106,19 @@ QuantizedLinear QuantizedLinear::concat_rows(const QuantizedLinear& a, const Qua
     }
   }
   MOQE_FAIL("QuantizedLinear: unknown storage");
+}
+
+QuantizedLinear QuantizedLinear::clone() const {
+  QuantizedLinear c = *this;
+  if (f32_) c.f32_ = std::make_shared<const std::vector<float>>(*f32_);
+  if (half_) c.half_ = std::make_shared<const std::vector<uint16_t>>(*half_);
+  // The SIMD kernels read only the packed copy; the file-layout matrix is shared then.
+  if (packed_) {
+    c.packed_ = std::make_shared<const detail::PackedQuant>(*packed_);
+  } else if (q_) {
+    c.q_ = std::make_shared<const QuantizedMatrix>(*q_);
+  }
+  return c;
 }
 
 int64_t QuantizedLinear::weight_bytes() const {
@@ -158,13 +190,53 @@ void QuantizedLinear::forward(MatrixView<const float> x, MatrixView<float> y,
   MOQE_CHECK(x.cols() == k_ && y.rows() == x.rows() && y.cols() == n_,
              "QuantizedLinear [{}, {}]: input {} and output {} do not fit", n_, k_, shape_string(x),
              shape_string(y));
-  if (x.rows() == 0 || n_ == 0) return;
+  const int64_t m_count = x.rows();
+  if (m_count == 0 || n_ == 0) return;
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+  if (isa_ == CpuIsa::kAvx2) {
+    if (packed_) {
+      // The zero-point term needs each group's sum of x: once per call, shared by all rows.
+      const detail::PackedQuant& w = *packed_;
+      thread_local std::vector<float> xsum;
+      xsum.resize(static_cast<size_t>(m_count * w.groups));
+      for (int64_t m = 0; m < m_count; ++m) {
+        for (int64_t g = 0; g < w.groups; ++g) {
+          float s = 0;
+          for (int64_t c = g * w.group; c < (g + 1) * w.group; ++c) s += x(m, c);
+          xsum[m * w.groups + g] = s;
+        }
+      }
+      const float* xs = xsum.data();
+      parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
+          const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
+          detail::quant_kernel_avx2(w.bits, mc)(w, x.row(m0), x.row_stride(), mc,
+                                                xs + m0 * w.groups, y.row(m0), y.row_stride(), n0,
+                                                n1);
+        }
+      });
+      return;
+    }
+    const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
+                                   : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
+                                                                     : detail::DenseKind::kBF16;
+    const void* w = f32_ ? static_cast<const void*>(f32_->data()) : half_->data();
+    parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
+        detail::dense_kernel_avx2(kind, mc)(w, k_, x.row(m0), x.row_stride(), mc, y.row(m0),
+                                            y.row_stride(), n0, n1);
+      }
+    });
+    return;
+  }
+#endif
   parallel_for(n_, num_threads, 8, [&](int64_t n0, int64_t n1) {
     thread_local std::vector<float> row;
     if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));
     for (int64_t n = n0; n < n1; ++n) {
       const float* w = f32_ ? f32_->data() + n * k_ : (decode_row(n, row.data()), row.data());
-      for (int64_t m = 0; m < x.rows(); ++m) y(m, n) = dot_f32(x.row(m), w, k_);
+      for (int64_t m = 0; m < m_count; ++m) y(m, n) = dot_f32(x.row(m), w, k_);
     }
   });
 }

@@ -1,7 +1,9 @@
 // QuantizedLinear: y = x . W^T for a weight W [N, K] held in any of moqe's schemes or unquantized
-// (fp32, fp16 or bf16 storage). The CPU reference path decodes one weight row at a time into fp32
-// and takes fixed-order dot products (gemm/reference.hpp), so a quantized layer and an fp32 layer
-// holding its dequantized weights agree bit for bit.
+// (fp32, fp16 or bf16 storage). The kernel is chosen once, when the layer is built, from
+// active_cpu_isa(): the SIMD kernels (AVX2) dequantize in registers and apply each group's scale
+// once; the reference path decodes one row at a time and takes fixed-order dot products
+// (gemm/reference.hpp), so under it a quantized layer and an fp32 layer holding its dequantized
+// weights agree bit for bit. SIMD results agree with the reference to fp32 rounding.
 #pragma once
 
 #include <cstdint>
@@ -10,11 +12,16 @@
 #include <string>
 #include <vector>
 
+#include "moqe/core/cpu.hpp"
 #include "moqe/core/view.hpp"
 #include "moqe/io/dtype.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 
 namespace moqe {
+
+namespace detail {
+struct PackedQuant;
+}  // namespace detail
 
 enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
 
@@ -29,6 +36,9 @@ class QuantizedLinear {
   // when quantized, the scheme; check can_concat first.
   static bool can_concat(const QuantizedLinear& a, const QuantizedLinear& b);
   static QuantizedLinear concat_rows(const QuantizedLinear& a, const QuantizedLinear& b);
+  // A copy that owns the weight memory its kernel reads (copies share it otherwise); benchmarks
+  // rotate among clones to read cold weights.
+  QuantizedLinear clone() const;
 
   int64_t out_features() const { return n_; }
   int64_t in_features() const { return k_; }
@@ -39,6 +49,8 @@ class QuantizedLinear {
   int64_t weight_bytes() const;
   // "int4 sym g128 f16", "f32", "bf16".
   std::string describe() const;
+  // The instruction set of the kernel chosen when the layer was built.
+  CpuIsa isa() const { return isa_; }
 
   // Row n of W in fp32 (dequantized or converted) into out[0..K).
   void decode_row(int64_t n, float* out) const;
@@ -56,6 +68,9 @@ class QuantizedLinear {
   std::shared_ptr<const std::vector<float>> f32_;
   std::shared_ptr<const std::vector<uint16_t>> half_;
   std::shared_ptr<const QuantizedMatrix> q_;
+  std::shared_ptr<const detail::PackedQuant> packed_;  // the SIMD layout, when isa_ uses one
+  CpuIsa isa_ = CpuIsa::kReference;
+  void choose_kernel();
 };
 
 }  // namespace moqe

@@ -1,0 +1,135 @@
+// BM_Gemv/<weights>/<N>x<K>/batch:<M>: y [M, N] = x [M, K] . W^T on cold weights (the benchmark
+// rotates among enough copies of W to exceed 512 MiB, far beyond the last-level cache, as in
+// decoding where each layer's weights are read once per token). bytes_per_second counts weight
+// bytes; items_per_second counts tokens (rows of x).
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <map>
+#include <memory>
+#include <moqe/moqe.hpp>
+#include <random>
+#include <string>
+
+#include "bench_util.hpp"
+
+namespace {
+
+constexpr int kThreads = 2;
+constexpr int64_t kColdBytes = int64_t{512} << 20;
+
+struct Weights {
+  std::string name;
+  moqe::QuantScheme scheme;  // bits == 0: unquantized
+  moqe::DType dense = moqe::DType::kF32;
+  bool eigen = false;
+};
+
+const std::vector<Weights>& weight_kinds() {
+  static const std::vector<Weights> w = {
+      {"f32_eigen", {0}, moqe::DType::kF32, true},
+      {"f16", {0}, moqe::DType::kF16},
+      {"w8_channel", {8, moqe::QuantMode::kSym, moqe::kPerChannel}},
+      {"w4_channel", {4, moqe::QuantMode::kSym, moqe::kPerChannel}},
+      {"w4_g128", {4, moqe::QuantMode::kSym, 128}},
+      {"w4_g32", {4, moqe::QuantMode::kSym, 32}},
+      {"w3_g64", {3, moqe::QuantMode::kSym, 64}},
+      {"w2_g128", {2, moqe::QuantMode::kSym, 128}},
+  };
+  return w;
+}
+
+// Copies of one weight matrix, built once per (weights, shape) and reused for every batch size.
+struct Copies {
+  std::vector<moqe::QuantizedLinear> layers;
+  std::vector<std::vector<float>> eigen;  // f32_eigen: plain row-major copies
+  int64_t bytes = 0;                      // of one copy
+};
+
+Copies& copies(const Weights& kind, int64_t n, int64_t k) {
+  static std::map<std::string, std::unique_ptr<Copies>> cache;
+  const std::string key = kind.name + std::to_string(n) + "x" + std::to_string(k);
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  cache.clear();  // one shape at a time keeps memory bounded
+  auto c = std::make_unique<Copies>();
+  const std::vector<float> w = moqe::synthetic_weights(n, k, 42);
+  if (kind.eigen) {
+    c->bytes = n * k * 4;
+    const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
+    for (int64_t i = 0; i < count; ++i) c->eigen.push_back(w);
+  } else {
+    moqe::QuantizedLinear base;
+    if (kind.scheme.bits == 0) {
+      std::vector<uint16_t> h(w.size());
+      for (size_t i = 0; i < w.size(); ++i) h[i] = moqe::float_to_half_bits(w[i]);
+      base = moqe::QuantizedLinear::from_half(std::move(h), moqe::DType::kF16, n, k);
+    } else {
+      base = moqe::QuantizedLinear::from_quantized(
+          moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme));
+    }
+    c->bytes = base.weight_bytes();
+    const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
+    for (int64_t i = 0; i < count; ++i) c->layers.push_back(base.clone());
+  }
+  return *cache.emplace(key, std::move(c)).first->second;
+}
+
+void BM_Gemv(benchmark::State& state, const Weights& kind, int64_t n, int64_t k) {
+  const int64_t m = state.range(0);
+  Copies& c = copies(kind, n, k);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(m * k)), y(static_cast<size_t>(m * n));
+  for (auto& v : x) v = g(rng);
+  size_t i = 0;
+  moqe::bench::WallRate rate;
+  for (auto _ : state) {
+    rate.start();
+    if (kind.eigen) {
+      // Eigen fp32 baseline, rows split across the threads as moqe does.
+      using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      const float* wd = c.eigen[i++ % c.eigen.size()].data();
+      Eigen::Map<const Eigen::MatrixXf> xm(x.data(), k, m);  // column j = token j
+#pragma omp parallel num_threads(kThreads)
+      {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t r0 = n * t / nt, r1 = n * (t + 1) / nt;
+        Eigen::Map<const RowMajor> wm(wd + r0 * k, r1 - r0, k);
+        Eigen::Map<Eigen::MatrixXf, 0, Eigen::OuterStride<>> ym(y.data() + r0, r1 - r0, m,
+                                                                Eigen::OuterStride<>(n));
+        ym.noalias() = wm * xm;
+      }
+    } else {
+      c.layers[i++ % c.layers.size()].forward(moqe::MatrixView<const float>(x.data(), m, k),
+                                              moqe::MatrixView<float>(y.data(), m, n), kThreads);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    rate.stop();
+  }
+  rate.report(state, static_cast<double>(c.bytes), static_cast<double>(m));
+  state.counters["copies"] = static_cast<double>(kind.eigen ? c.eigen.size() : c.layers.size());
+}
+
+const bool registered = [] {
+  Eigen::setNbThreads(1);
+  const std::pair<int64_t, int64_t> shapes[] = {
+      {14336, 4096}, {4096, 14336}, {1408, 2048}, {2048, 1408}};
+  for (const auto& [n, k] : shapes) {
+    for (const Weights& kind : weight_kinds()) {
+      const std::string name =
+          "BM_Gemv/" + kind.name + "/" + std::to_string(n) + "x" + std::to_string(k);
+      benchmark::RegisterBenchmark(name.c_str(), BM_Gemv, kind, n, k)
+          ->ArgName("batch")
+          ->Arg(1)
+          ->Arg(8)
+          ->Arg(64)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+  return true;
+}();
+
+}  // namespace

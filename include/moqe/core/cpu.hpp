@@ -1,0 +1,34 @@
+// Runtime CPU feature detection and the instruction-set level moqe's CPU kernels use. Kernels are
+// chosen once, when a layer is built, from active_cpu_isa(); tests and benchmarks cap it with
+// set_cpu_isa_cap() or the environment variable MOQE_CPU_ISA (reference | avx2).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace moqe {
+
+// Ordered: a higher level implies the lower ones are usable too.
+enum class CpuIsa : uint8_t {
+  kReference,  // portable C++: the scalar oracle's own loops
+  kAvx2,       // AVX2 + FMA + F16C
+};
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false, avxvnni = false;
+};
+
+const CpuFeatures& cpu_features();
+// The best level this CPU (and this build) supports.
+CpuIsa best_cpu_isa();
+// min(best_cpu_isa(), the cap from set_cpu_isa_cap or MOQE_CPU_ISA).
+CpuIsa active_cpu_isa();
+// Caps the level used by layers built from now on (not thread-safe against concurrent builds).
+void set_cpu_isa_cap(CpuIsa cap);
+CpuIsa cpu_isa_cap();
+std::string_view to_string(CpuIsa isa);
+std::optional<CpuIsa> parse_cpu_isa(std::string_view s);
+
+}  // namespace moqe

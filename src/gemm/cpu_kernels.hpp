@@ -1,0 +1,47 @@
+// Private: the weight layout of the SIMD CPU kernels and their entry points. The file format
+// stays DESIGN.md section 4; QuantizedLinear repacks once, when it is built.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "moqe/quant/quantized_matrix.hpp"
+
+namespace moqe::detail {
+
+// Quantized weights repacked for the kernels. Each row is a run of blocks of 32 codes, 4 * bits
+// bytes each. Within a block the codes are split into 8 lanes of 4 codes: lane i holds the codes
+// of columns 8j + i (j = 0..3) in bits [bits * j, bits * (j + 1)) of a 4 * bits-bit field, and
+// the lanes' fields follow each other (LSB first). Widened to eight 32-bit lanes, code j of every
+// lane is one shift and one mask away, and the eight codes line up with x[8j .. 8j + 7], so no
+// shuffle is needed after the load (3-bit blocks need one byte shuffle and a variable shift).
+struct PackedQuant {
+  int bits = 0;
+  int64_t n = 0, k = 0;
+  int64_t group = 0, groups = 0;  // group size and groups per row
+  int64_t block_bytes = 0, row_bytes = 0;
+  std::vector<uint8_t> data;  // n * row_bytes, plus 16 bytes of slack for 16-byte loads
+  std::vector<float> scale;   // [n, groups]
+  std::vector<float> offset;  // [n, groups]: scale * zero point, times the group's sum of x
+};
+
+// The kernels need whole blocks: K a multiple of 32 (every group size but per-channel rows of
+// other lengths).
+bool can_pack(const QuantizedMatrix& q);
+PackedQuant pack(const QuantizedMatrix& q);
+
+// y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
+// xsum[m * groups + g] is the sum of x[m] over group g (for the zero-point term).
+using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
+                             const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1);
+enum class DenseKind : uint8_t { kF32, kF16, kBF16 };
+// Dense rows of K elements (fp32, or fp16/bf16 bit patterns) at w.
+using DenseKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int mcount,
+                             float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+QuantKernel quant_kernel_avx2(int bits, int mcount);
+DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
+#endif
+
+}  // namespace moqe::detail

@@ -1,0 +1,219 @@
+// AVX2 + FMA + F16C kernels (this file alone is compiled with -mavx2 -mfma -mf16c and only
+// called after runtime detection). Exact mode: codes become fp32 in registers, products are
+// accumulated in fp32 per group, and the group's scale is applied once per group; the zero point
+// is applied as scale * z * sum(x over the group).
+#include <immintrin.h>
+
+#include "cpu_kernels.hpp"
+
+namespace moqe::detail {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The four code vectors of a 32-code block (see PackedQuant): c[j] lane i = column 8j + i.
+template <int B>
+inline void extract(const uint8_t* p, __m256i c[4]) {
+  if constexpr (B == 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i m = _mm256_set1_epi32(0xff);
+    c[0] = _mm256_and_si256(v, m);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(v, 8), m);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(v, 16), m);
+    c[3] = _mm256_srli_epi32(v, 24);
+  } else if constexpr (B == 4) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i m = _mm256_set1_epi32(0xf);
+    c[0] = _mm256_and_si256(v, m);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(v, 4), m);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(v, 8), m);
+    c[3] = _mm256_srli_epi32(v, 12);
+  } else if constexpr (B == 2) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i m = _mm256_set1_epi32(0x3);
+    c[0] = _mm256_and_si256(v, m);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(v, 2), m);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(v, 4), m);
+    c[3] = _mm256_srli_epi32(v, 6);
+  } else {  // 3 bits: lane i is the 12-bit field at bit 12 i, i.e. bytes 3i/2 and 3i/2 + 1
+    const __m256i v16 =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sel = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,  //
+                                         6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    const __m256i v =
+        _mm256_srlv_epi32(_mm256_shuffle_epi8(v16, sel), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    const __m256i m = _mm256_set1_epi32(0x7);
+    c[0] = _mm256_and_si256(v, m);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(v, 3), m);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(v, 6), m);
+    c[3] = _mm256_and_si256(_mm256_srli_epi32(v, 9), m);
+  }
+}
+
+template <int B, int M>
+void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/,
+                  const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  // One accumulator chain per m is FMA-latency bound for small M: split the block's four code
+  // vectors over NA accumulators.
+  constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const int64_t blocks_per_group = w.group / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.data.data() + n * w.row_bytes;
+    const float* scale = w.scale.data() + n * w.groups;
+    const float* offset = w.offset.data() + n * w.groups;
+    __m256 total[M];
+    float corr[M];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm256_setzero_ps();
+      corr[m] = 0.0f;
+    }
+    const uint8_t* blk = row;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      __m256 acc[M][NA];
+      for (int m = 0; m < M; ++m) {
+        for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+      }
+      const int64_t k0 = g * w.group;
+      for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
+        __m256i c[4];
+        extract<B>(blk, c);
+        const int64_t kb = k0 + 32 * b;
+        for (int j = 0; j < 4; ++j) {
+          const __m256 d = _mm256_cvtepi32_ps(c[j]);
+          for (int m = 0; m < M; ++m) {
+            acc[m][j % NA] =
+                _mm256_fmadd_ps(d, _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(scale[g]);
+      for (int m = 0; m < M; ++m) {
+        __m256 a = acc[m][0];
+        for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
+        total[m] = _mm256_fmadd_ps(s, a, total[m]);
+        corr[m] += offset[g] * xsum[m * w.groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
+  }
+}
+
+template <int B>
+QuantKernel pick_quant(int mcount) {
+  switch (mcount) {
+    case 1:
+      return quant_kernel<B, 1>;
+    case 2:
+      return quant_kernel<B, 2>;
+    case 3:
+      return quant_kernel<B, 3>;
+    default:
+      return quant_kernel<B, 4>;
+  }
+}
+
+template <DenseKind D>
+inline __m256 load_w(const void* w, int64_t i) {
+  if constexpr (D == DenseKind::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  } else if constexpr (D == DenseKind::kF16) {
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
+  } else {  // bf16: the high half of an fp32
+    const __m256i v = _mm256_cvtepu16_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+}
+
+template <DenseKind D>
+inline float load_w1(const void* w, int64_t i) {
+  if constexpr (D == DenseKind::kF32) {
+    return static_cast<const float*>(w)[i];
+  } else if constexpr (D == DenseKind::kF16) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(w)[i]);
+  } else {
+    const uint32_t b = static_cast<uint32_t>(static_cast<const uint16_t*>(w)[i]) << 16;
+    float f;
+    __builtin_memcpy(&f, &b, 4);
+    return f;
+  }
+}
+
+template <DenseKind D, int M>
+void dense_kernel(const void* w, int64_t k, const float* x, int64_t ldx, int /*mcount*/, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  constexpr size_t es = D == DenseKind::kF32 ? 4 : 2;
+  const int64_t k32 = k - k % 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const void* row = static_cast<const uint8_t*>(w) + static_cast<size_t>(n * k) * es;
+    __m256 acc[M][NA];
+    for (int m = 0; m < M; ++m) {
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < k32; i += 32) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d = load_w<D>(row, i + 8 * j);
+        for (int m = 0; m < M; ++m) {
+          acc[m][j % NA] =
+              _mm256_fmadd_ps(d, _mm256_loadu_ps(x + m * ldx + i + 8 * j), acc[m][j % NA]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 a = acc[m][0];
+      for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
+      float s = hsum(a);
+      for (int64_t i = k32; i < k; ++i) s += load_w1<D>(row, i) * x[m * ldx + i];
+      y[m * ldy + n] = s;
+    }
+  }
+}
+
+template <DenseKind D>
+DenseKernel pick_dense(int mcount) {
+  switch (mcount) {
+    case 1:
+      return dense_kernel<D, 1>;
+    case 2:
+      return dense_kernel<D, 2>;
+    case 3:
+      return dense_kernel<D, 3>;
+    default:
+      return dense_kernel<D, 4>;
+  }
+}
+
+}  // namespace
+
+QuantKernel quant_kernel_avx2(int bits, int mcount) {
+  switch (bits) {
+    case 2:
+      return pick_quant<2>(mcount);
+    case 3:
+      return pick_quant<3>(mcount);
+    case 4:
+      return pick_quant<4>(mcount);
+    default:
+      return pick_quant<8>(mcount);
+  }
+}
+
+DenseKernel dense_kernel_avx2(DenseKind kind, int mcount) {
+  switch (kind) {
+    case DenseKind::kF32:
+      return pick_dense<DenseKind::kF32>(mcount);
+    case DenseKind::kF16:
+      return pick_dense<DenseKind::kF16>(mcount);
+    default:
+      return pick_dense<DenseKind::kBF16>(mcount);
+  }
+}
+
+}  // namespace moqe::detail

@@ -1,0 +1,131 @@
+// The SIMD CPU kernels against the scalar oracle (the reference path), on random data: every bit
+// width, mode, group size and scale type, K not a multiple of 64, N odd, M from 1 to 9. The
+// tolerance follows from fp32 summation: |y - y_ref| <= 2 (K + 8) u B, u = 2^-24, where B bounds
+// every partial sum (scales times codes and zero points times |x|).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+
+#include "moqe/core/dtypes.hpp"
+#include "moqe/gemm/linear.hpp"
+#include "moqe/quant/packing.hpp"
+#include "test_util.hpp"
+
+using namespace moqe;
+
+namespace {
+
+std::vector<float> randn(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = g(rng);
+  return v;
+}
+
+// Builds the layer under the given cap (the kernel is chosen at construction).
+QuantizedLinear build(CpuIsa isa, const QuantizedMatrix& q) {
+  const test::ScopedCpuIsa cap(isa);
+  return QuantizedLinear::from_quantized(q);
+}
+
+void check_close(const QuantizedLinear& fast, const QuantizedLinear& ref, const QuantizedMatrix* q,
+                 int64_t m_count, uint32_t seed) {
+  const int64_t n = ref.out_features(), k = ref.in_features();
+  const std::vector<float> x = randn(static_cast<size_t>(m_count * k), seed);
+  std::vector<float> y(static_cast<size_t>(m_count * n), std::nanf("")), yr(y.size());
+  fast.forward(MatrixView<const float>(x.data(), m_count, k),
+               MatrixView<float>(y.data(), m_count, n), 2);
+  ref.forward(MatrixView<const float>(x.data(), m_count, k),
+              MatrixView<float>(yr.data(), m_count, n), 1);
+  std::vector<float> w(static_cast<size_t>(k));
+  for (int64_t r = 0; r < n; ++r) {
+    ref.decode_row(r, w.data());
+    for (int64_t m = 0; m < m_count; ++m) {
+      double bound = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        double mag = std::fabs(w[c]);
+        if (q != nullptr) {  // codes and zero point separately: the kernel sums s * u * x
+          const int64_t g = c / q->group_size();
+          const double s = std::fabs(q->scale(r, g));
+          mag = s * (unpack_code(q->packed_row(r), c, q->bits()) + q->zero(r, g));
+        }
+        bound += mag * std::fabs(x[m * k + c]);
+      }
+      const double tol = 2.0 * double(k + 8) * std::ldexp(1.0, -24) * bound;
+      REQUIRE(std::fabs(double(y[m * n + r]) - yr[m * n + r]) <= tol);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  uint32_t seed = 1;
+  for (int64_t k : {32, 96, 160, 1024}) {
+    for (int bits : kSupportedBits) {
+      for (QuantMode mode : kSupportedModes) {
+        for (int64_t g : {int64_t{32}, int64_t{64}, kPerChannel}) {
+          for (ScaleType st : {ScaleType::kF16, ScaleType::kF32}) {
+            const QuantScheme s{bits, mode, g, st};
+            if (!check_scheme(s, k).empty()) continue;
+            const int64_t n = 37;  // odd
+            const auto wv = randn(static_cast<size_t>(n * k), seed++);
+            const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
+            const QuantizedLinear fast = build(CpuIsa::kAvx2, q),
+                                  ref = build(CpuIsa::kReference, q);
+            REQUIRE(fast.isa() == CpuIsa::kAvx2);
+            REQUIRE(ref.isa() == CpuIsa::kReference);
+            CAPTURE(k, s.to_string());
+            for (int64_t m : {1, 2, 3, 4, 5, 9}) check_close(fast, ref, &q, m, seed++);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  for (int64_t k : {1, 7, 33, 100, 1024}) {
+    const int64_t n = 19;
+    const auto wv = randn(static_cast<size_t>(n * k), static_cast<uint32_t>(k));
+    std::vector<uint16_t> h(wv.size()), b(wv.size());
+    for (size_t i = 0; i < wv.size(); ++i) {
+      h[i] = float_to_half_bits(wv[i]);
+      b[i] = float_to_bf16_bits(wv[i]);
+    }
+    for (int variant = 0; variant < 3; ++variant) {
+      auto make = [&](CpuIsa isa) {
+        const test::ScopedCpuIsa cap(isa);
+        return variant == 0   ? QuantizedLinear::from_f32(wv, n, k)
+               : variant == 1 ? QuantizedLinear::from_half(h, DType::kF16, n, k)
+                              : QuantizedLinear::from_half(b, DType::kBF16, n, k);
+      };
+      const QuantizedLinear fast = make(CpuIsa::kAvx2), ref = make(CpuIsa::kReference);
+      REQUIRE(fast.isa() == CpuIsa::kAvx2);
+      CAPTURE(k, variant);
+      for (int64_t m : {1, 2, 4, 6}) check_close(fast, ref, nullptr, m, static_cast<uint32_t>(m));
+    }
+  }
+}
+
+TEST_CASE("rows the SIMD layout cannot hold keep the reference kernel", "[gemm][kernels]") {
+  // Per-channel rows of 100 weights are not whole 32-blocks.
+  const auto wv = randn(5 * 100, 3);
+  const QuantizedMatrix q =
+      quantize(MatrixView<const float>(wv.data(), 5, 100), {4, QuantMode::kSym, 0});
+  CHECK(QuantizedLinear::from_quantized(q).isa() == CpuIsa::kReference);
+  CHECK(parse_cpu_isa("avx2") == CpuIsa::kAvx2);
+  CHECK_FALSE(parse_cpu_isa("sse9").has_value());
+  const test::ScopedCpuIsa cap(CpuIsa::kReference);
+  CHECK(active_cpu_isa() == CpuIsa::kReference);
+}
