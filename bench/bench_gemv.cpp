@@ -24,6 +24,7 @@ struct Weights {
   moqe::QuantScheme scheme;  // bits == 0: unquantized
   moqe::DType dense = moqe::DType::kF32;
   bool eigen = false;
+  bool fast = false;  // fast mode: int8 activations
 };
 
 const std::vector<Weights>& weight_kinds() {
@@ -36,6 +37,8 @@ const std::vector<Weights>& weight_kinds() {
       {"w4_g32", {4, moqe::QuantMode::kSym, 32}},
       {"w3_g64", {3, moqe::QuantMode::kSym, 64}},
       {"w2_g128", {2, moqe::QuantMode::kSym, 128}},
+      {"w4_g128_fast", {4, moqe::QuantMode::kSym, 128}, moqe::DType::kF32, false, true},
+      {"w8_g32_fast", {8, moqe::QuantMode::kSym, 32}, moqe::DType::kF32, false, true},
   };
   return w;
 }
@@ -45,6 +48,7 @@ struct Copies {
   std::vector<moqe::QuantizedLinear> layers;
   std::vector<std::vector<float>> eigen;  // f32_eigen: plain row-major copies
   int64_t bytes = 0;                      // of one copy
+  double fast_error = 0;                  // fast mode: ||y_fast - y_exact|| / ||y_exact||
 };
 
 Copies& copies(const Weights& kind, int64_t n, int64_t k) {
@@ -66,8 +70,25 @@ Copies& copies(const Weights& kind, int64_t n, int64_t k) {
       for (size_t i = 0; i < w.size(); ++i) h[i] = moqe::float_to_half_bits(w[i]);
       base = moqe::QuantizedLinear::from_half(std::move(h), moqe::DType::kF16, n, k);
     } else {
+      const moqe::QuantizedMatrix q =
+          moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme);
       base = moqe::QuantizedLinear::from_quantized(
-          moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme));
+          q, kind.fast ? moqe::Numerics::kFast : moqe::Numerics::kExact);
+      if (kind.fast) {  // the price of fast mode, measured once on random activations
+        const auto exact = moqe::QuantizedLinear::from_quantized(q);
+        std::vector<float> x(static_cast<size_t>(8 * k)), yf(static_cast<size_t>(8 * n)),
+            ye(yf.size());
+        std::mt19937 rng(7);
+        std::normal_distribution<float> g(0.0f, 1.0f);
+        for (auto& v : x) v = g(rng);
+        base.forward(moqe::MatrixView<const float>(x.data(), 8, k),
+                     moqe::MatrixView<float>(yf.data(), 8, n));
+        exact.forward(moqe::MatrixView<const float>(x.data(), 8, k),
+                      moqe::MatrixView<float>(ye.data(), 8, n));
+        c->fast_error = moqe::compare(moqe::MatrixView<const float>(ye.data(), 8, n),
+                                      moqe::MatrixView<const float>(yf.data(), 8, n))
+                            .rel_frobenius;
+      }
     }
     c->bytes = base.weight_bytes();
     const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
@@ -111,6 +132,7 @@ void BM_Gemv(benchmark::State& state, const Weights& kind, int64_t n, int64_t k)
   }
   rate.report(state, static_cast<double>(c.bytes), static_cast<double>(m));
   state.counters["copies"] = static_cast<double>(kind.eigen ? c.eigen.size() : c.layers.size());
+  if (kind.fast) state.counters["rel_err_vs_exact"] = c.fast_error;
 }
 
 const bool registered = [] {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moqe/gemm/linear.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 
 namespace moqe::detail {
@@ -39,9 +40,25 @@ enum class DenseKind : uint8_t { kF32, kF16, kBF16 };
 using DenseKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int mcount,
                              float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+// Fast mode: activations quantized per 32-block to int8 once per call (QuantizedX), then integer
+// dot products per block, scaled by the block's activation scale and the group's weight scale.
+// Codes are permuted within each block the way PackedQuant lays them out, so the kernel reads
+// weight bytes and activation bytes in the same order.
+// LinearScratch (gemm/linear.hpp) holds them: q [m, k] with each 32-block permuted (byte 4i + j =
+// x[8j + i]), d [m, k / 32] block scales, gsum [m, groups] = sum over the group's blocks of
+// d * sum(q).
+using QuantizedX = LinearScratch;
+// True for the bit widths fast mode supports (4 and 8).
+inline bool fast_mode_supported(int bits) { return bits == 4 || bits == 8; }
+void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+                          QuantizedX& out);
+using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m0, int mcount,
+                            float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
+FastKernel fast_kernel_avx2(int bits, int mcount);
 #endif
 
 }  // namespace moqe::detail

@@ -190,7 +190,84 @@ DenseKernel pick_dense(int mcount) {
   }
 }
 
+// The 32 codes of a block as bytes, in the block's lane order (lane i's codes j = 0..3 at bytes
+// 4i + j); 8-bit codes come out as u - 128 (signed), 4-bit as u (0..15).
+template <int B>
+inline __m256i code_bytes(const uint8_t* p) {
+  if constexpr (B == 8) {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                            _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else {  // the lane fields are consecutive nibbles: expand each byte to (low, high)
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+  }
+}
+
+template <int B, int M>
+void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mcount*/, float* y,
+                 int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  // 8-bit codes are stored u - 128: the zero point is z - 128 for them.
+  const float zshift = B == 8 ? 128.0f : 0.0f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* blk = w.data.data() + n * w.row_bytes;
+    const float* scale = w.scale.data() + n * w.groups;
+    const float* offset = w.offset.data() + n * w.groups;
+    __m256 total[M];
+    float corr[M];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm256_setzero_ps();
+      corr[m] = 0.0f;
+    }
+    for (int64_t g = 0; g < w.groups; ++g) {
+      __m256 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
+        const int64_t bi = g * blocks_per_group + b;
+        const __m256i c = code_bytes<B>(blk);
+        const __m256i ca = B == 8 ? _mm256_abs_epi8(c) : c;
+        for (int m = 0; m < M; ++m) {
+          __m256i q = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(x.q.data() + (m0 + m) * x.k + 32 * bi));
+          if constexpr (B == 8) q = _mm256_sign_epi8(q, c);  // |c| * sign(c) q = c q
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ca, q), ones);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                   _mm256_set1_ps(x.d[(m0 + m) * blocks + bi]), acc[m]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(scale[g]);
+      const float off = offset[g] - zshift * scale[g];
+      for (int m = 0; m < M; ++m) {
+        total[m] = _mm256_fmadd_ps(s, acc[m], total[m]);
+        corr[m] += off * x.gsum[(m0 + m) * x.groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
+  }
+}
+
+template <int B>
+FastKernel pick_fast(int mcount) {
+  switch (mcount) {
+    case 1:
+      return fast_kernel<B, 1>;
+    case 2:
+      return fast_kernel<B, 2>;
+    case 3:
+      return fast_kernel<B, 3>;
+    default:
+      return fast_kernel<B, 4>;
+  }
+}
+
 }  // namespace
+
+FastKernel fast_kernel_avx2(int bits, int mcount) {
+  return bits == 8 ? pick_fast<8>(mcount) : pick_fast<4>(mcount);
+}
 
 QuantKernel quant_kernel_avx2(int bits, int mcount) {
   switch (bits) {

@@ -12,13 +12,13 @@
 
 namespace moqe {
 
-QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q) {
+QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q, Numerics numerics) {
   QuantizedLinear l;
   l.n_ = q.rows();
   l.k_ = q.cols();
   l.storage_ = WeightStorage::kQuantized;
   l.q_ = std::make_shared<const QuantizedMatrix>(std::move(q));
-  l.choose_kernel();
+  l.choose_kernel(numerics);
   return l;
 }
 
@@ -49,8 +49,9 @@ QuantizedLinear QuantizedLinear::from_half(std::vector<uint16_t> bits, DType dty
   return l;
 }
 
-void QuantizedLinear::choose_kernel() {
+void QuantizedLinear::choose_kernel(Numerics requested) {
   isa_ = CpuIsa::kReference;
+  numerics_ = Numerics::kExact;
 #if defined(MOQE_HAVE_AVX2_KERNELS)
   if (active_cpu_isa() >= CpuIsa::kAvx2) {
     if (storage_ != WeightStorage::kQuantized) {
@@ -58,6 +59,9 @@ void QuantizedLinear::choose_kernel() {
     } else if (detail::can_pack(*q_)) {
       packed_ = std::make_shared<const detail::PackedQuant>(detail::pack(*q_));
       isa_ = CpuIsa::kAvx2;
+      if (requested == Numerics::kFast && detail::fast_mode_supported(q_->bits())) {
+        numerics_ = Numerics::kFast;
+      }
     }
   }
 #endif
@@ -95,14 +99,15 @@ QuantizedLinear QuantizedLinear::concat_rows(const QuantizedLinear& a, const Qua
       QuantScheme s = qa.scheme();
       s.group_size = qa.group_size() == qa.cols() ? kPerChannel : qa.group_size();
       return from_quantized(QuantizedMatrix::from_parts(
-          qa.rows() + qb.rows(), qa.cols(), s,
-          cat(std::vector<uint8_t>(qa.qweight().begin(), qa.qweight().end()),
-              std::vector<uint8_t>(qb.qweight().begin(), qb.qweight().end())),
-          cat(std::vector<float>(qa.scales().begin(), qa.scales().end()),
-              std::vector<float>(qb.scales().begin(), qb.scales().end())),
-          cat(std::vector<uint8_t>(qa.zeros().begin(), qa.zeros().end()),
-              std::vector<uint8_t>(qb.zeros().begin(), qb.zeros().end())),
-          "fused gate_up"));
+                                qa.rows() + qb.rows(), qa.cols(), s,
+                                cat(std::vector<uint8_t>(qa.qweight().begin(), qa.qweight().end()),
+                                    std::vector<uint8_t>(qb.qweight().begin(), qb.qweight().end())),
+                                cat(std::vector<float>(qa.scales().begin(), qa.scales().end()),
+                                    std::vector<float>(qb.scales().begin(), qb.scales().end())),
+                                cat(std::vector<uint8_t>(qa.zeros().begin(), qa.zeros().end()),
+                                    std::vector<uint8_t>(qb.zeros().begin(), qb.zeros().end())),
+                                "fused gate_up"),
+                            a.numerics_);
     }
   }
   MOQE_FAIL("QuantizedLinear: unknown storage");
@@ -185,60 +190,77 @@ std::vector<float> QuantizedLinear::to_f32() const {
   return w;
 }
 
+void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch) const {
+  scratch.m = x.rows();
+  scratch.k = k_;
+  scratch.groups = 0;
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+  if (isa_ == CpuIsa::kAvx2 && packed_) {
+    const detail::PackedQuant& w = *packed_;
+    if (numerics_ == Numerics::kFast) {
+      detail::quantize_activations(x.data(), x.row_stride(), x.rows(), k_, w.group, scratch);
+      return;
+    }
+    // The zero-point term needs each group's sum of x: once per input, shared by all rows.
+    scratch.groups = w.groups;
+    scratch.xsum.resize(static_cast<size_t>(x.rows() * w.groups));
+    for (int64_t m = 0; m < x.rows(); ++m) {
+      for (int64_t g = 0; g < w.groups; ++g) {
+        float s = 0;
+        for (int64_t c = g * w.group; c < (g + 1) * w.group; ++c) s += x(m, c);
+        scratch.xsum[m * w.groups + g] = s;
+      }
+    }
+  }
+#endif
+}
+
+void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratch& scratch,
+                                   MatrixView<float> y, int64_t n0, int64_t n1) const {
+  const int64_t m_count = x.rows();
+  if (m_count == 0 || n0 >= n1) return;
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+  if (isa_ == CpuIsa::kAvx2) {
+    for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
+      const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
+      if (packed_ && numerics_ == Numerics::kFast) {
+        detail::fast_kernel_avx2(packed_->bits, mc)(*packed_, scratch, m0, mc, y.row(m0),
+                                                    y.row_stride(), n0, n1);
+      } else if (packed_) {
+        detail::quant_kernel_avx2(packed_->bits, mc)(*packed_, x.row(m0), x.row_stride(), mc,
+                                                     scratch.xsum.data() + m0 * scratch.groups,
+                                                     y.row(m0), y.row_stride(), n0, n1);
+      } else {
+        const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
+                                       : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
+                                                                         : detail::DenseKind::kBF16;
+        const void* w = f32_ ? static_cast<const void*>(f32_->data()) : half_->data();
+        detail::dense_kernel_avx2(kind, mc)(w, k_, x.row(m0), x.row_stride(), mc, y.row(m0),
+                                            y.row_stride(), n0, n1);
+      }
+    }
+    return;
+  }
+#endif
+  (void)scratch;
+  thread_local std::vector<float> row;
+  if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = f32_ ? f32_->data() + n * k_ : (decode_row(n, row.data()), row.data());
+    for (int64_t m = 0; m < m_count; ++m) y(m, n) = dot_f32(x.row(m), w, k_);
+  }
+}
+
 void QuantizedLinear::forward(MatrixView<const float> x, MatrixView<float> y,
                               int num_threads) const {
   MOQE_CHECK(x.cols() == k_ && y.rows() == x.rows() && y.cols() == n_,
              "QuantizedLinear [{}, {}]: input {} and output {} do not fit", n_, k_, shape_string(x),
              shape_string(y));
-  const int64_t m_count = x.rows();
-  if (m_count == 0 || n_ == 0) return;
-#if defined(MOQE_HAVE_AVX2_KERNELS)
-  if (isa_ == CpuIsa::kAvx2) {
-    if (packed_) {
-      // The zero-point term needs each group's sum of x: once per call, shared by all rows.
-      const detail::PackedQuant& w = *packed_;
-      thread_local std::vector<float> xsum;
-      xsum.resize(static_cast<size_t>(m_count * w.groups));
-      for (int64_t m = 0; m < m_count; ++m) {
-        for (int64_t g = 0; g < w.groups; ++g) {
-          float s = 0;
-          for (int64_t c = g * w.group; c < (g + 1) * w.group; ++c) s += x(m, c);
-          xsum[m * w.groups + g] = s;
-        }
-      }
-      const float* xs = xsum.data();
-      parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) {
-        for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
-          const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
-          detail::quant_kernel_avx2(w.bits, mc)(w, x.row(m0), x.row_stride(), mc,
-                                                xs + m0 * w.groups, y.row(m0), y.row_stride(), n0,
-                                                n1);
-        }
-      });
-      return;
-    }
-    const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
-                                   : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
-                                                                     : detail::DenseKind::kBF16;
-    const void* w = f32_ ? static_cast<const void*>(f32_->data()) : half_->data();
-    parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
-        detail::dense_kernel_avx2(kind, mc)(w, k_, x.row(m0), x.row_stride(), mc, y.row(m0),
-                                            y.row_stride(), n0, n1);
-      }
-    });
-    return;
-  }
-#endif
-  parallel_for(n_, num_threads, 8, [&](int64_t n0, int64_t n1) {
-    thread_local std::vector<float> row;
-    if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* w = f32_ ? f32_->data() + n * k_ : (decode_row(n, row.data()), row.data());
-      for (int64_t m = 0; m < m_count; ++m) y(m, n) = dot_f32(x.row(m), w, k_);
-    }
-  });
+  if (x.rows() == 0 || n_ == 0) return;
+  thread_local LinearScratch scratch;  // reused: no allocation once grown
+  prepare(x, scratch);
+  const LinearScratch& s = scratch;  // the workers must see this thread's buffer
+  parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) { forward_rows(x, s, y, n0, n1); });
 }
 
 }  // namespace moqe

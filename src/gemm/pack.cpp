@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu_kernels.hpp"
@@ -47,6 +49,37 @@ PackedQuant pack(const QuantizedMatrix& q) {
     }
   });
   return p;
+}
+
+void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+                          QuantizedX& out) {
+  out.m = m;
+  out.k = k;
+  out.groups = k / group;
+  out.q.resize(static_cast<size_t>(m * k));
+  out.d.resize(static_cast<size_t>(m * (k / 32)));
+  out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
+  const int64_t blocks = k / 32, per_group = group / 32;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = xr + 32 * b;
+      float amax = 0;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      int8_t* q = out.q.data() + r * k + 32 * b;
+      int sum = 0;
+      for (int i = 0; i < 8; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          const int v = static_cast<int>(std::lrintf(xb[8 * j + i] * inv));
+          q[4 * i + j] = static_cast<int8_t>(v);
+          sum += v;
+        }
+      }
+      out.d[r * blocks + b] = d;
+      out.gsum[r * out.groups + b / per_group] += d * static_cast<float>(sum);
+    }
+  }
 }
 
 }  // namespace moqe::detail

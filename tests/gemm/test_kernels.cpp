@@ -129,3 +129,77 @@ TEST_CASE("rows the SIMD layout cannot hold keep the reference kernel", "[gemm][
   const test::ScopedCpuIsa cap(CpuIsa::kReference);
   CHECK(active_cpu_isa() == CpuIsa::kReference);
 }
+
+TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  uint32_t seed = 100;
+  for (int64_t k : {32, 96, 1024}) {
+    for (int bits : {4, 8}) {
+      for (QuantMode mode : kSupportedModes) {
+        for (int64_t g : {int64_t{32}, int64_t{64}, kPerChannel}) {
+          const QuantScheme s{bits, mode, g};
+          if (!check_scheme(s, k).empty()) continue;
+          const int64_t n = 21;
+          const auto wv = randn(static_cast<size_t>(n * k), seed++);
+          const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
+          const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
+          const QuantizedLinear fast = QuantizedLinear::from_quantized(q, Numerics::kFast);
+          const QuantizedLinear exact = QuantizedLinear::from_quantized(q);
+          REQUIRE(fast.numerics() == Numerics::kFast);
+          REQUIRE(exact.numerics() == Numerics::kExact);
+          CAPTURE(k, s.to_string());
+          for (int64_t m_count : {1, 3, 6}) {
+            const auto x = randn(static_cast<size_t>(m_count * k), seed++);
+            std::vector<float> y(static_cast<size_t>(m_count * n)), ye(y.size());
+            fast.forward(MatrixView<const float>(x.data(), m_count, k),
+                         MatrixView<float>(y.data(), m_count, n), 2);
+            exact.forward(MatrixView<const float>(x.data(), m_count, k),
+                          MatrixView<float>(ye.data(), m_count, n), 2);
+            double err2 = 0, ref2 = 0;
+            for (int64_t m = 0; m < m_count; ++m) {
+              // The definition: x quantized per 32-block to int8 (round to nearest even, scale
+              // max|x| / 127), integer products with the codes, block and group scales applied.
+              std::vector<int> xq(static_cast<size_t>(k));
+              std::vector<double> d(static_cast<size_t>(k / 32));
+              for (int64_t b = 0; b < k / 32; ++b) {
+                float amax = 0;
+                for (int i = 0; i < 32; ++i)
+                  amax = std::max(amax, std::fabs(x[m * k + 32 * b + i]));
+                const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+                d[b] = db;
+                for (int i = 0; i < 32; ++i) {
+                  xq[32 * b + i] = static_cast<int>(std::lrintf(x[m * k + 32 * b + i] * inv));
+                }
+              }
+              for (int64_t r = 0; r < n; ++r) {
+                double ref = 0, bound = 0;
+                for (int64_t c = 0; c < k; ++c) {
+                  const int64_t grp = c / q.group_size();
+                  const int u = static_cast<int>(unpack_code(q.packed_row(r), c, bits));
+                  const double sd = double(q.scale(r, grp)) * d[c / 32];
+                  ref += sd * (u - q.zero(r, grp)) * xq[c];
+                  bound += std::fabs(sd) * (std::abs(u) + 128 + q.zero(r, grp)) * std::abs(xq[c]);
+                }
+                const double tol = 2.0 * double(k + 8) * std::ldexp(1.0, -24) * bound;
+                REQUIRE(std::fabs(y[m * n + r] - ref) <= tol);
+                err2 +=
+                    (double(y[m * n + r]) - ye[m * n + r]) * (double(y[m * n + r]) - ye[m * n + r]);
+                ref2 += double(ye[m * n + r]) * ye[m * n + r];
+              }
+            }
+            // Against exact mode: int8 activations carry about 1/254 relative rounding per value.
+            CHECK(std::sqrt(err2 / ref2) < 0.02);
+          }
+        }
+      }
+    }
+  }
+  // Widths fast mode does not cover run exact.
+  const auto wv = randn(4 * 64, 1);
+  const QuantizedMatrix q3 =
+      quantize(MatrixView<const float>(wv.data(), 4, 64), {3, QuantMode::kSym, 32});
+  CHECK(QuantizedLinear::from_quantized(q3, Numerics::kFast).numerics() == Numerics::kExact);
+}

@@ -25,10 +25,27 @@ struct PackedQuant;
 
 enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
 
+// Per-call data derived from the activations, computed once by QuantizedLinear::prepare and
+// shared by every row range: group sums of x (the zero-point term) or, in fast mode, the int8
+// activations with their block scales. Reused between calls without reallocation.
+struct LinearScratch {
+  int64_t m = 0, k = 0, groups = 0;
+  std::vector<float> xsum;  // [m, groups], exact mode
+  std::vector<int8_t> q;    // [m, k], fast mode
+  std::vector<float> d;     // [m, k / 32], fast mode
+  std::vector<float> gsum;  // [m, groups], fast mode
+};
+
+// kExact keeps DESIGN.md section 2 numerics with fp32 activations. kFast (opt-in) quantizes the
+// activations per 32-block to int8 once per call and takes integer dot products: faster, with an
+// extra activation rounding error (about 0.4% relative per block; see bench/README.md). Fast mode
+// covers 4- and 8-bit weights on AVX2; other layers run exact (numerics() says which).
+enum class Numerics : uint8_t { kExact, kFast };
+
 class QuantizedLinear {
  public:
   QuantizedLinear() = default;
-  static QuantizedLinear from_quantized(QuantizedMatrix q);
+  static QuantizedLinear from_quantized(QuantizedMatrix q, Numerics numerics = Numerics::kExact);
   static QuantizedLinear from_f32(std::vector<float> w, int64_t n, int64_t k);
   // fp16 or bf16 bit patterns, kept at 2 bytes per weight and decoded per row.
   static QuantizedLinear from_half(std::vector<uint16_t> bits, DType dtype, int64_t n, int64_t k);
@@ -51,6 +68,8 @@ class QuantizedLinear {
   std::string describe() const;
   // The instruction set of the kernel chosen when the layer was built.
   CpuIsa isa() const { return isa_; }
+  // The numerics forward() uses (kFast only where fast mode applies).
+  Numerics numerics() const { return numerics_; }
 
   // Row n of W in fp32 (dequantized or converted) into out[0..K).
   void decode_row(int64_t n, float* out) const;
@@ -60,6 +79,12 @@ class QuantizedLinear {
   // y [M, N] = x [M, K] . W^T (y may be a strided view). Parallel over N; no allocation once each
   // thread has decoded a row of this size.
   void forward(MatrixView<const float> x, MatrixView<float> y, int num_threads = 0) const;
+  // The same in two steps, for callers that schedule row ranges themselves (grouped experts):
+  // prepare() once per input, then forward_rows() for any ranges [n0, n1) (single-threaded; ranges
+  // may run concurrently on different threads).
+  void prepare(MatrixView<const float> x, LinearScratch& scratch) const;
+  void forward_rows(MatrixView<const float> x, const LinearScratch& scratch, MatrixView<float> y,
+                    int64_t n0, int64_t n1) const;
 
  private:
   int64_t n_ = 0, k_ = 0;
@@ -70,7 +95,8 @@ class QuantizedLinear {
   std::shared_ptr<const QuantizedMatrix> q_;
   std::shared_ptr<const detail::PackedQuant> packed_;  // the SIMD layout, when isa_ uses one
   CpuIsa isa_ = CpuIsa::kReference;
-  void choose_kernel();
+  Numerics numerics_ = Numerics::kExact;
+  void choose_kernel(Numerics requested = Numerics::kExact);
 };
 
 }  // namespace moqe
