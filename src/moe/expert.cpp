@@ -75,6 +75,18 @@ std::string ExpertMLP::describe() const {
   return fused_ ? gate_up_.describe() : (kind_ == MlpKind::kGlu ? gate_ : up_).describe();
 }
 
+void ExpertMLP::activate_columns(MatrixView<float> h, int64_t c0, int64_t c1) const {
+  const int64_t i = intermediate();
+  for (int64_t r = 0; r < h.rows(); ++r) {
+    float* row = h.row(r);
+    if (kind_ == MlpKind::kGlu) {
+      for (int64_t c = c0; c < c1; ++c) row[c] = activate(act_, row[c]) * row[i + c];
+    } else {
+      for (int64_t c = c0; c < c1; ++c) row[c] = activate(act_, row[c]);
+    }
+  }
+}
+
 void ExpertMLP::forward(MatrixView<const float> x, MatrixView<float> y, float* scratch,
                         int num_threads) const {
   const int64_t m = x.rows(), i = intermediate();

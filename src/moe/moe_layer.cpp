@@ -24,9 +24,11 @@ MoELayer::MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> 
                m.hidden(), hidden_);
     max_intermediate_ = std::max(max_intermediate_, m.intermediate());
   };
+  grouped_ = true;
   for (size_t e = 0; e < experts_.size(); ++e) {
     MOQE_CHECK(experts_[e] != nullptr, "MoELayer: expert {} is missing", e);
     check_mlp(*experts_[e], fmt::format("expert {}", e));
+    grouped_ = grouped_ && experts_[e]->single_first();
   }
   if (router_.kind() != RouterKind::kTask) {
     MOQE_CHECK(router_.hidden() == hidden_, "MoELayer: the router's hidden size {} is not {}",
@@ -92,6 +94,13 @@ MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
   // An expert sees each token at most once: T rows of scratch suffice for any MLP.
   ws.scratch.resize(static_cast<size_t>(max_tokens * 2 * max_intermediate_));
   if (!shared_.empty() || residual_) ws.extra.resize(static_cast<size_t>(2 * max_tokens * hidden_));
+  if (grouped_) {
+    ws.h.resize(static_cast<size_t>(max_rows * 2 * max_intermediate_));
+    ws.first_scratch.resize(static_cast<size_t>(e));
+    ws.down_scratch.resize(static_cast<size_t>(e));
+    // At most one task per 16 rows of each projection, per expert.
+    ws.tasks.reserve(static_cast<size_t>(e * (std::max(hidden_, max_intermediate_) / 16 + 2)));
+  }
   return ws;
 }
 
@@ -111,11 +120,15 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
              "MoELayer: {} routed rows exceed the workspace", rows);
   MatrixView<float> xe(ws.xe.data(), rows, h), ye(ws.ye.data(), rows, h);
   gather_rows(ws.plan, x, xe, threads);
-  for (int64_t e = 0; e < num_experts(); ++e) {
-    const int64_t n = ws.plan.expert_rows(e), off = ws.plan.offset(e);
-    if (n == 0) continue;  // an expert with no tokens costs nothing
-    experts_[e]->forward(MatrixView<const float>(xe.block(off, 0, n, h)), ye.block(off, 0, n, h),
-                         ws.scratch.data(), threads);
+  if (grouped_) {
+    run_experts_grouped(xe, ye, ws, threads);
+  } else {
+    for (int64_t e = 0; e < num_experts(); ++e) {
+      const int64_t n = ws.plan.expert_rows(e), off = ws.plan.offset(e);
+      if (n == 0) continue;  // an expert with no tokens costs nothing
+      experts_[e]->forward(MatrixView<const float>(xe.block(off, 0, n, h)), ye.block(off, 0, n, h),
+                           ws.scratch.data(), threads);
+    }
   }
   combine_rows(ws.plan, ye, y, threads);
   const Routing& r = ws.routing;
@@ -159,6 +172,78 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
       for (int64_t c = 0; c < h; ++c) dst[c] = dst[c] * c0 + src[c] * c1;
     }
   }
+}
+
+// One pass over all experts per projection: the (expert, row range) tasks of every expert with
+// tokens go to the threads together, so two cores stay busy even when a single token routes to
+// two experts, and the GLU activation runs in the same task that produced its gate and up rows
+// (while they are in cache).
+void MoELayer::run_experts_grouped(MatrixView<const float> xe, MatrixView<float> ye,
+                                   MoeWorkspace& ws, int num_threads) const {
+  const int64_t h = hidden_, e_count = num_experts();
+  const int threads = num_threads > 0 ? num_threads : default_num_threads();
+  auto make_tasks = [&](auto rows_of) {  // ~4 tasks per thread over all work, >= 16 rows each
+    int64_t total = 0;
+    for (int64_t e = 0; e < e_count; ++e) {
+      if (ws.plan.expert_rows(e) > 0) total += rows_of(e);
+    }
+    const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));
+    ws.tasks.clear();
+    for (int64_t e = 0; e < e_count; ++e) {
+      if (ws.plan.expert_rows(e) == 0) continue;
+      for (int64_t r0 = 0; r0 < rows_of(e); r0 += chunk) {
+        ws.tasks.push_back({static_cast<int32_t>(e), r0, std::min(rows_of(e), r0 + chunk)});
+      }
+    }
+  };
+  auto h_view = [&](int64_t e) {  // expert e's rows of h: [n, 2I] (I = the expert's intermediate)
+    const int64_t i = experts_[e]->intermediate();
+    return MatrixView<float>(ws.h.data() + ws.plan.offset(e) * 2 * max_intermediate_,
+                             ws.plan.expert_rows(e), 2 * i, 2 * max_intermediate_);
+  };
+  auto x_view = [&](int64_t e) {
+    return MatrixView<const float>(xe.block(ws.plan.offset(e), 0, ws.plan.expert_rows(e), h));
+  };
+  // Stage 1: gate and up (or up) rows, then the activation, per intermediate range.
+  for (int64_t e = 0; e < e_count; ++e) {
+    if (ws.plan.expert_rows(e) > 0) experts_[e]->first().prepare(x_view(e), ws.first_scratch[e]);
+  }
+  make_tasks([&](int64_t e) { return experts_[e]->intermediate(); });
+  parallel_for(static_cast<int64_t>(ws.tasks.size()), threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const MoeWorkspace::Task& task = ws.tasks[t];
+      const ExpertMLP& m = *experts_[task.expert];
+      const MatrixView<float> hv = h_view(task.expert);
+      const MatrixView<float> out =
+          m.kind() == MlpKind::kGlu ? hv : hv.block(0, 0, hv.rows(), m.intermediate());
+      m.first().forward_rows(x_view(task.expert), ws.first_scratch[task.expert], out, task.r0,
+                             task.r1);
+      if (m.kind() == MlpKind::kGlu) {
+        const int64_t i = m.intermediate();
+        m.first().forward_rows(x_view(task.expert), ws.first_scratch[task.expert], out, i + task.r0,
+                               i + task.r1);
+      }
+      m.activate_columns(hv, task.r0, task.r1);
+    }
+  });
+  // Stage 2: the down projection of every expert.
+  auto a_view = [&](int64_t e) {
+    const MatrixView<float> hv = h_view(e);
+    return MatrixView<const float>(hv.block(0, 0, hv.rows(), experts_[e]->intermediate()));
+  };
+  for (int64_t e = 0; e < e_count; ++e) {
+    if (ws.plan.expert_rows(e) > 0) experts_[e]->down().prepare(a_view(e), ws.down_scratch[e]);
+  }
+  make_tasks([&](int64_t) { return h; });
+  parallel_for(static_cast<int64_t>(ws.tasks.size()), threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const MoeWorkspace::Task& task = ws.tasks[t];
+      const int64_t e = task.expert;
+      experts_[e]->down().forward_rows(a_view(e), ws.down_scratch[e],
+                                       ye.block(ws.plan.offset(e), 0, ws.plan.expert_rows(e), h),
+                                       task.r0, task.r1);
+    }
+  });
 }
 
 MoELayer MoELayer::extract_task(int32_t task_id) const {

@@ -54,6 +54,16 @@ class ExpertMLP {
   int64_t parameters() const;
   std::string describe() const;  // the weights' storage, e.g. "int4 sym g128 f16"
 
+  // The grouped expert pass (MoELayer) drives the matrices itself when the first projection is one
+  // matrix: the fused gate+up ([2I, H], gate rows first) or the mlp's up. Otherwise
+  // single_first() is false and forward() is used.
+  bool single_first() const { return kind_ == MlpKind::kMlp || fused_; }
+  const QuantizedLinear& first() const { return kind_ == MlpKind::kMlp ? up_ : gate_up_; }
+  const QuantizedLinear& down() const { return down_; }
+  // Applies the activation (and the GLU product) to rows of h [M, 2I] (glu) or [M, I] (mlp) for
+  // the intermediate columns [c0, c1); the result lands in columns [c0, c1) of h.
+  void activate_columns(MatrixView<float> h, int64_t c0, int64_t c1) const;
+
   // Floats of scratch that forward() needs for `rows` rows.
   int64_t scratch_floats(int64_t rows) const { return rows * 2 * intermediate(); }
   // y [M, H] = expert(x [M, H]), using scratch (scratch_floats(M) floats).

@@ -43,6 +43,15 @@ struct MoeWorkspace {
   DispatchPlan plan;
   std::vector<float> xe, ye, scratch, extra;
   std::vector<int32_t> active_tokens;
+  // The grouped expert pass: activations per expert (h, rows x 2I_max), the per-input scratch
+  // of each expert's two projections, and the list of (expert, row range) tasks.
+  std::vector<float> h;
+  std::vector<LinearScratch> first_scratch, down_scratch;
+  struct Task {
+    int32_t expert;
+    int64_t r0, r1;
+  };
+  std::vector<Task> tasks;
 };
 
 struct MoeRunOptions {
@@ -88,6 +97,9 @@ class MoELayer {
   std::optional<ResidualMLP> residual_;
   int64_t hidden_ = 0;
   int64_t max_intermediate_ = 0;
+  bool grouped_ = false;  // every expert's first projection is one matrix
+  void run_experts_grouped(MatrixView<const float> xe, MatrixView<float> ye, MoeWorkspace& ws,
+                           int num_threads) const;
 };
 
 }  // namespace moqe
