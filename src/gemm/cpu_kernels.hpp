@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moqe/core/dtypes.hpp"
 #include "moqe/gemm/linear.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 
@@ -22,14 +23,32 @@ struct PackedQuant {
   int64_t group = 0, groups = 0;  // group size and groups per row
   int64_t block_bytes = 0, row_bytes = 0;
   std::vector<uint8_t> data;  // n * row_bytes, plus 16 bytes of slack for 16-byte loads
-  std::vector<float> scale;   // [n, groups]
-  std::vector<float> offset;  // [n, groups]: scale * zero point, times the group's sum of x
+  // Scales at their stored width (fp16, or fp32 for f32 schemes) and zero points (asym only;
+  // sym modes use zero_const): the same bytes as the file layout, so nothing extra is read.
+  bool f16_scales = true;
+  std::vector<uint16_t> scale16;  // [n, groups]
+  std::vector<float> scale32;     // [n, groups]
+  int zero_const = 0;
+  std::vector<uint8_t> zero;  // [n, groups], asym
+  float scale_at(int64_t i) const {
+    return f16_scales ? half_bits_to_float(scale16[i]) : scale32[i];
+  }
+  int zero_at(int64_t i) const { return zero.empty() ? zero_const : zero[i]; }
+  // What the kernels read: codes, scales and zero points.
+  int64_t kernel_bytes() const {
+    return n * row_bytes +
+           static_cast<int64_t>(scale16.size() * 2 + scale32.size() * 4 + zero.size());
+  }
 };
 
 // The kernels need whole blocks: K a multiple of 32 (every group size but per-channel rows of
 // other lengths).
 bool can_pack(const QuantizedMatrix& q);
 PackedQuant pack(const QuantizedMatrix& q);
+// Row n dequantized exactly as the reference does: (code - zero) * scale.
+void decode_row(const PackedQuant& p, int64_t n, float* out);
+// Rows of a, then rows of b (same bits, K and group size).
+PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
 
 // y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
 // xsum[m * groups + g] is the sum of x[m] over group g (for the zero-point term).

@@ -64,8 +64,7 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
   const int64_t blocks_per_group = w.group / 32;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.data.data() + n * w.row_bytes;
-    const float* scale = w.scale.data() + n * w.groups;
-    const float* offset = w.offset.data() + n * w.groups;
+    const int64_t gi = n * w.groups;
     __m256 total[M];
     float corr[M];
     for (int m = 0; m < M; ++m) {
@@ -91,12 +90,13 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
           }
         }
       }
-      const __m256 s = _mm256_set1_ps(scale[g]);
+      const float sg = w.scale_at(gi + g), off = sg * static_cast<float>(w.zero_at(gi + g));
+      const __m256 s = _mm256_set1_ps(sg);
       for (int m = 0; m < M; ++m) {
         __m256 a = acc[m][0];
         for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
         total[m] = _mm256_fmadd_ps(s, a, total[m]);
-        corr[m] += offset[g] * xsum[m * w.groups + g];
+        corr[m] += off * xsum[m * w.groups + g];
       }
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
@@ -214,8 +214,7 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
   const float zshift = B == 8 ? 128.0f : 0.0f;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* blk = w.data.data() + n * w.row_bytes;
-    const float* scale = w.scale.data() + n * w.groups;
-    const float* offset = w.offset.data() + n * w.groups;
+    const int64_t gi = n * w.groups;
     __m256 total[M];
     float corr[M];
     for (int m = 0; m < M; ++m) {
@@ -238,8 +237,9 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
                                    _mm256_set1_ps(x.d[(m0 + m) * blocks + bi]), acc[m]);
         }
       }
-      const __m256 s = _mm256_set1_ps(scale[g]);
-      const float off = offset[g] - zshift * scale[g];
+      const float sg = w.scale_at(gi + g);
+      const __m256 s = _mm256_set1_ps(sg);
+      const float off = sg * (static_cast<float>(w.zero_at(gi + g)) - zshift);
       for (int m = 0; m < M; ++m) {
         total[m] = _mm256_fmadd_ps(s, acc[m], total[m]);
         corr[m] += off * x.gsum[(m0 + m) * x.groups + g];

@@ -17,6 +17,8 @@ QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q, Numerics nume
   l.n_ = q.rows();
   l.k_ = q.cols();
   l.storage_ = WeightStorage::kQuantized;
+  l.scheme_ = q.scheme();
+  l.group_ = q.group_size();
   l.q_ = std::make_shared<const QuantizedMatrix>(std::move(q));
   l.choose_kernel(numerics);
   return l;
@@ -58,8 +60,9 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
       isa_ = CpuIsa::kAvx2;
     } else if (detail::can_pack(*q_)) {
       packed_ = std::make_shared<const detail::PackedQuant>(detail::pack(*q_));
+      q_.reset();  // the kernels and decode_row read the packed copy only
       isa_ = CpuIsa::kAvx2;
-      if (requested == Numerics::kFast && detail::fast_mode_supported(q_->bits())) {
+      if (requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)) {
         numerics_ = Numerics::kFast;
       }
     }
@@ -70,9 +73,9 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
 bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear& b) {
   if (a.storage_ != b.storage_ || a.k_ != b.k_) return false;
   if (a.is_quantized()) {
-    return a.q_->scheme().bits == b.q_->scheme().bits &&
-           a.q_->scheme().mode == b.q_->scheme().mode && a.q_->group_size() == b.q_->group_size() &&
-           a.q_->scheme().scale_type == b.q_->scheme().scale_type;
+    return a.scheme_.bits == b.scheme_.bits && a.scheme_.mode == b.scheme_.mode &&
+           a.scheme_.scale_type == b.scheme_.scale_type && a.group_ == b.group_ &&
+           (a.packed_ != nullptr) == (b.packed_ != nullptr);
   }
   return true;
 }
@@ -94,6 +97,13 @@ QuantizedLinear QuantizedLinear::concat_rows(const QuantizedLinear& a, const Qua
                        a.storage_ == WeightStorage::kF16 ? DType::kF16 : DType::kBF16, a.n_ + b.n_,
                        a.k_);
     case WeightStorage::kQuantized: {
+      if (a.packed_) {
+        QuantizedLinear l = a;
+        l.n_ = a.n_ + b.n_;
+        l.packed_ = std::make_shared<const detail::PackedQuant>(
+            detail::concat_rows(*a.packed_, *b.packed_));
+        return l;
+      }
       const QuantizedMatrix& qa = *a.q_;
       const QuantizedMatrix& qb = *b.q_;
       QuantScheme s = qa.scheme();
@@ -134,7 +144,7 @@ int64_t QuantizedLinear::weight_bytes() const {
     case WeightStorage::kBF16:
       return n_ * k_ * 2;
     case WeightStorage::kQuantized:
-      return q_->storage_bytes();
+      return packed_ ? packed_->kernel_bytes() : q_->storage_bytes();
   }
   return 0;
 }
@@ -148,7 +158,7 @@ std::string QuantizedLinear::describe() const {
     case WeightStorage::kBF16:
       return "bf16";
     case WeightStorage::kQuantized:
-      return q_->scheme().to_string();
+      return scheme_.to_string();
   }
   return "?";
 }
@@ -169,6 +179,10 @@ void QuantizedLinear::decode_row(int64_t n, float* out) const {
       return;
     }
     case WeightStorage::kQuantized: {
+      if (packed_) {
+        detail::decode_row(*packed_, n, out);
+        return;
+      }
       const QuantizedMatrix& q = *q_;
       const int64_t g = q.group_size();
       const uint8_t* row = q.packed_row(n);

@@ -4,6 +4,7 @@
 
 #include "cpu_kernels.hpp"
 #include "moqe/core/threading.hpp"
+#include "moqe/quant/numerics.hpp"
 #include "moqe/quant/packing.hpp"
 
 namespace moqe::detail {
@@ -22,8 +23,15 @@ PackedQuant pack(const QuantizedMatrix& q) {
   p.block_bytes = 4 * p.bits;
   p.row_bytes = (p.k / 32) * p.block_bytes;
   p.data.assign(static_cast<size_t>(p.n * p.row_bytes + 16), 0);
-  p.scale.resize(static_cast<size_t>(p.n * p.groups));
-  p.offset.resize(p.scale.size());
+  const auto ng = static_cast<size_t>(p.n * p.groups);
+  p.f16_scales = q.scheme().scale_type == ScaleType::kF16;
+  if (p.f16_scales) {
+    p.scale16.resize(ng);
+  } else {
+    p.scale32.resize(ng);
+  }
+  p.zero_const = q.scheme().code_offset();
+  if (q.scheme().has_zeros()) p.zero.resize(ng);
   const int b = p.bits;
   parallel_for(p.n, 0, 16, [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> codes(static_cast<size_t>(p.k));
@@ -43,12 +51,50 @@ PackedQuant pack(const QuantizedMatrix& q) {
         }
       }
       for (int64_t g = 0; g < p.groups; ++g) {
-        p.scale[r * p.groups + g] = q.scale(r, g);
-        p.offset[r * p.groups + g] = q.scale(r, g) * static_cast<float>(q.zero(r, g));
+        const int64_t i = r * p.groups + g;
+        if (p.f16_scales) {
+          p.scale16[i] = float_to_half_bits(q.scale(r, g));  // exact: the value came from fp16
+        } else {
+          p.scale32[i] = q.scale(r, g);
+        }
+        if (!p.zero.empty()) p.zero[i] = static_cast<uint8_t>(q.zero(r, g));
       }
     }
   });
   return p;
+}
+
+void decode_row(const PackedQuant& p, int64_t n, float* out) {
+  const int b = p.bits, field = 4 * b;
+  const uint8_t* row = p.data.data() + n * p.row_bytes;
+  for (int64_t blk = 0; blk < p.k / 32; ++blk) {
+    const uint8_t* in = row + blk * p.block_bytes;
+    const int64_t g = (32 * blk) / p.group;
+    const float s = p.scale_at(n * p.groups + g);
+    const int z = p.zero_at(n * p.groups + g);
+    for (int lane = 0; lane < 8; ++lane) {
+      for (int j = 0; j < 4; ++j) {
+        // The block is a little-endian bit stream, like a file row.
+        const uint32_t code = unpack_code(in, (lane * field + j * b) / b, b);
+        out[32 * blk + 8 * j + lane] = dequantize_code(code, z, s);
+      }
+    }
+  }
+}
+
+PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b) {
+  MOQE_CHECK(a.bits == b.bits && a.k == b.k && a.group == b.group && a.f16_scales == b.f16_scales &&
+                 a.zero.empty() == b.zero.empty(),
+             "concat_rows: packed weights differ in bits, K, group size or scheme");
+  PackedQuant c = a;
+  c.n = a.n + b.n;
+  c.data.resize(static_cast<size_t>(a.n * a.row_bytes));
+  c.data.insert(c.data.end(), b.data.begin(), b.data.end());  // b keeps its 16 bytes of slack
+  auto append = [](auto& dst, const auto& src) { dst.insert(dst.end(), src.begin(), src.end()); };
+  append(c.scale16, b.scale16);
+  append(c.scale32, b.scale32);
+  append(c.zero, b.zero);
+  return c;
 }
 
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,

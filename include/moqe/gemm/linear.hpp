@@ -61,8 +61,11 @@ class QuantizedLinear {
   int64_t in_features() const { return k_; }
   WeightStorage storage() const { return storage_; }
   bool is_quantized() const { return storage_ == WeightStorage::kQuantized; }
-  const QuantizedMatrix& quantized() const { return *q_; }  // only when is_quantized()
-  // Bytes of weight storage (what a forward pass reads).
+  // The quantization scheme (quantized storage only).
+  const QuantScheme& scheme() const { return scheme_; }
+  // Bytes of weight storage held and read by a forward pass: the file layout's bytes, or for the
+  // SIMD kernels the repacked codes plus fp32 scales and zero-point offsets (the file layout is
+  // not kept then, so memory is not doubled).
   int64_t weight_bytes() const;
   // "int4 sym g128 f16", "f32", "bf16".
   std::string describe() const;
@@ -92,8 +95,10 @@ class QuantizedLinear {
   // Shared so that copies of a layer (task sub-networks, fused views) do not copy weights.
   std::shared_ptr<const std::vector<float>> f32_;
   std::shared_ptr<const std::vector<uint16_t>> half_;
-  std::shared_ptr<const QuantizedMatrix> q_;
+  std::shared_ptr<const QuantizedMatrix> q_;           // the file layout (reference kernels)
   std::shared_ptr<const detail::PackedQuant> packed_;  // the SIMD layout, when isa_ uses one
+  QuantScheme scheme_{};                               // quantized storage, as given
+  int64_t group_ = 0;                                  // its resolved group size
   CpuIsa isa_ = CpuIsa::kReference;
   Numerics numerics_ = Numerics::kExact;
   void choose_kernel(Numerics requested = Numerics::kExact);
