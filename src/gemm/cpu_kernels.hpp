@@ -51,9 +51,8 @@ void decode_row(const PackedQuant& p, int64_t n, float* out);
 PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
 
 // y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
-// xsum[m * groups + g] is the sum of x[m] over group g (for the zero-point term).
 using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
-                             const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1);
+                             float* y, int64_t ldy, int64_t n0, int64_t n1);
 enum class DenseKind : uint8_t { kF32, kF16, kBF16 };
 // Dense rows of K elements (fp32, or fp16/bf16 bit patterns) at w.
 using DenseKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int mcount,

@@ -1,7 +1,7 @@
 // AVX2 + FMA + F16C kernels (this file alone is compiled with -mavx2 -mfma -mf16c and only
-// called after runtime detection). Exact mode: codes become fp32 in registers, products are
-// accumulated in fp32 per group, and the group's scale is applied once per group; the zero point
-// is applied as scale * z * sum(x over the group).
+// called after runtime detection). Exact mode: codes minus the zero point become fp32 levels in
+// registers, products are accumulated in fp32 per group, and the group's scale is applied once
+// per group.
 #include <immintrin.h>
 
 #include "cpu_kernels.hpp"
@@ -56,8 +56,8 @@ inline void extract(const uint8_t* p, __m256i c[4]) {
 }
 
 template <int B, int M>
-void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/,
-                  const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
   // One accumulator chain per m is FMA-latency bound for small M: split the block's four code
   // vectors over NA accumulators.
   constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -66,40 +66,37 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
     const uint8_t* row = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
     __m256 total[M];
-    float corr[M];
-    for (int m = 0; m < M; ++m) {
-      total[m] = _mm256_setzero_ps();
-      corr[m] = 0.0f;
-    }
+    for (int m = 0; m < M; ++m) total[m] = _mm256_setzero_ps();
     const uint8_t* blk = row;
     for (int64_t g = 0; g < w.groups; ++g) {
       __m256 acc[M][NA];
       for (int m = 0; m < M; ++m) {
         for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
       }
+      // The zero point comes off in integers, so each d is the exact level (code - z): the
+      // products are those of the dequantized weight without the scale, no cancellation.
+      const __m256i z = _mm256_set1_epi32(w.zero_at(gi + g));
       const int64_t k0 = g * w.group;
       for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
         __m256i c[4];
         extract<B>(blk, c);
         const int64_t kb = k0 + 32 * b;
         for (int j = 0; j < 4; ++j) {
-          const __m256 d = _mm256_cvtepi32_ps(c[j]);
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(c[j], z));
           for (int m = 0; m < M; ++m) {
             acc[m][j % NA] =
                 _mm256_fmadd_ps(d, _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
           }
         }
       }
-      const float sg = w.scale_at(gi + g), off = sg * static_cast<float>(w.zero_at(gi + g));
-      const __m256 s = _mm256_set1_ps(sg);
+      const __m256 s = _mm256_set1_ps(w.scale_at(gi + g));
       for (int m = 0; m < M; ++m) {
         __m256 a = acc[m][0];
         for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
         total[m] = _mm256_fmadd_ps(s, a, total[m]);
-        corr[m] += off * xsum[m * w.groups + g];
       }
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
   }
 }
 

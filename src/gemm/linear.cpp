@@ -210,20 +210,8 @@ void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch)
   scratch.groups = 0;
 #if defined(MOQE_HAVE_AVX2_KERNELS)
   if (isa_ == CpuIsa::kAvx2 && packed_) {
-    const detail::PackedQuant& w = *packed_;
     if (numerics_ == Numerics::kFast) {
-      detail::quantize_activations(x.data(), x.row_stride(), x.rows(), k_, w.group, scratch);
-      return;
-    }
-    // The zero-point term needs each group's sum of x: once per input, shared by all rows.
-    scratch.groups = w.groups;
-    scratch.xsum.resize(static_cast<size_t>(x.rows() * w.groups));
-    for (int64_t m = 0; m < x.rows(); ++m) {
-      for (int64_t g = 0; g < w.groups; ++g) {
-        float s = 0;
-        for (int64_t c = g * w.group; c < (g + 1) * w.group; ++c) s += x(m, c);
-        scratch.xsum[m * w.groups + g] = s;
-      }
+      detail::quantize_activations(x.data(), x.row_stride(), x.rows(), k_, packed_->group, scratch);
     }
   }
 #endif
@@ -242,7 +230,6 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
                                                     y.row_stride(), n0, n1);
       } else if (packed_) {
         detail::quant_kernel_avx2(packed_->bits, mc)(*packed_, x.row(m0), x.row_stride(), mc,
-                                                     scratch.xsum.data() + m0 * scratch.groups,
                                                      y.row(m0), y.row_stride(), n0, n1);
       } else {
         const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32

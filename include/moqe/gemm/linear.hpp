@@ -26,11 +26,10 @@ struct PackedQuant;
 enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
 
 // Per-call data derived from the activations, computed once by QuantizedLinear::prepare and
-// shared by every row range: group sums of x (the zero-point term) or, in fast mode, the int8
-// activations with their block scales. Reused between calls without reallocation.
+// shared by every row range: in fast mode, the int8 activations with their block scales (exact
+// mode needs none). Reused between calls without reallocation.
 struct LinearScratch {
   int64_t m = 0, k = 0, groups = 0;
-  std::vector<float> xsum;  // [m, groups], exact mode
   std::vector<int8_t> q;    // [m, k], fast mode
   std::vector<float> d;     // [m, k / 32], fast mode
   std::vector<float> gsum;  // [m, groups], fast mode
