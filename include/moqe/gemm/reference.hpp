@@ -15,7 +15,8 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
   }
-  for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
+  const int64_t rest = n - i;  // < 8
+  for (int64_t j = 0; j < rest && j < 8; ++j) acc[j] += a[i + j] * b[i + j];
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
