@@ -24,7 +24,11 @@ void DispatchPlan::build(const Routing& r) {
   const int64_t n = tokens_ * slots_;
   offsets_.assign(static_cast<size_t>(num_experts_ + 1), 0);
   for (int64_t s = 0; s < n; ++s) {  // histogram
-    if (r.kept[s]) offsets_[r.ids[s] + 1]++;
+    if (!r.kept[s]) continue;
+    MOQE_CHECK(r.ids[s] >= 0 && r.ids[s] < num_experts_,
+               "DispatchPlan: kept slot {} of token {} names expert {} of {}", s % slots_,
+               s / slots_, r.ids[s], num_experts_);
+    offsets_[r.ids[s] + 1]++;
   }
   for (int64_t e = 0; e < num_experts_; ++e) offsets_[e + 1] += offsets_[e];  // scan
   cursor_.assign(offsets_.begin(), offsets_.end() - 1);
