@@ -5,9 +5,9 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -84,26 +84,9 @@ void print_quantize_report(const ConvertReport& r, const std::filesystem::path& 
               out.string().c_str());
 }
 
-// Writes text to path through a temporary file and a rename, like the checkpoint writer.
+// Through a temporary file and a rename, like the checkpoint writer (and removed on a signal).
 void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
-  const std::filesystem::path tmp =
-      path.parent_path() / fmt::format(".{}.tmp.{}", path.filename().string(), getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << text;
-    f.close();
-    if (!f) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      MOQE_FAIL("cannot write report {}", path.string());
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    MOQE_FAIL("cannot write report {}: {}", path.string(), ec.message());
-  }
+  write_file_atomically(path, std::as_bytes(std::span(text.data(), text.size())));
 }
 
 }  // namespace

@@ -20,6 +20,14 @@ constexpr std::string_view kIndexName = "model.safetensors.index.json";
 bool is_index_path(const fs::path& p) { return p.extension() == ".json"; }
 
 json read_json(const fs::path& p) {
+  // Not a FIFO or device (reading one could block forever or never end), and bounded in size.
+  std::error_code ec;
+  MOQE_CHECK(fs::is_regular_file(p, ec), "{}: not a regular file", p.string());
+  const uintmax_t size = fs::file_size(p, ec);
+  MOQE_CHECK(!ec, "{}: cannot stat: {}", p.string(), ec.message());
+  MOQE_CHECK(size <= Checkpoint::kMaxIndexBytes,
+             "{}: index of {} bytes exceeds the limit of {} bytes", p.string(), size,
+             Checkpoint::kMaxIndexBytes);
   std::ifstream in(p, std::ios::binary);
   MOQE_CHECK(in.is_open(), "{}: cannot open", p.string());
   std::ostringstream ss;
@@ -36,6 +44,10 @@ json read_json(const fs::path& p) {
 void check_shard_name(const fs::path& index, const std::string& tensor, const std::string& shard) {
   MOQE_CHECK(!shard.empty(), "{}: weight_map entry of tensor '{}' is an empty file name",
              index.string(), tensor);
+  // The system would silently open the name up to the NUL: another file than the one named.
+  MOQE_CHECK(shard.find('\0') == std::string::npos,
+             "{}: weight_map entry of tensor '{}' contains a NUL character", index.string(),
+             tensor);
   const fs::path p(shard);
   MOQE_CHECK(!p.is_absolute() && !p.has_root_path(),
              "{}: weight_map places tensor '{}' in '{}', an absolute path (shards must be "

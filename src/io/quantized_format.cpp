@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "json_text.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/core/error.hpp"
 
@@ -52,10 +53,11 @@ std::string scheme_to_json(const QuantizedMatrix& q) {
   return j.dump();
 }
 
-StoredScheme parse_scheme_json(std::string_view text, std::string_view what) {
+StoredScheme parse_scheme_json(std::string_view full_text, std::string_view what) {
+  const std::string text = detail::text_brief(full_text);  // for messages
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(text);
+    j = nlohmann::json::parse(full_text);
   } catch (const nlohmann::json::exception& e) {
     MOQE_FAIL("{}: the scheme metadata is not valid JSON ({})", what, e.what());
   }
@@ -71,7 +73,9 @@ StoredScheme parse_scheme_json(std::string_view text, std::string_view what) {
     return j[key].get<std::string>();
   };
   StoredScheme s;
-  s.scheme.bits = static_cast<int>(get_int("bits"));
+  const int64_t bits = get_int("bits");
+  MOQE_CHECK(bits > 0 && bits <= 8, "{}: unsupported bits {}; supported: 2, 3, 4, 8", what, bits);
+  s.scheme.bits = static_cast<int>(bits);
   const std::string mode = get_str("mode");
   auto m = parse_quant_mode(mode);
   MOQE_CHECK(m.has_value(), "{}: unknown quantization mode '{}'; supported: sym, sym_full, asym",
@@ -88,6 +92,13 @@ StoredScheme parse_scheme_json(std::string_view text, std::string_view what) {
   s.rows = j["shape"][0].get<int64_t>();
   s.cols = j["shape"][1].get<int64_t>();
   MOQE_CHECK(s.rows >= 0 && s.cols > 0, "{}: invalid quantized shape [{}, {}]", what, s.rows,
+             s.cols);
+  // The companion tensors' sizes (rows x cols x bits / 8 and the like) must not overflow: the
+  // stored parts are then checked against them.
+  int64_t bits_total = 0;
+  MOQE_CHECK(!__builtin_mul_overflow(s.rows, s.cols, &bits_total) &&
+                 !__builtin_mul_overflow(bits_total, int64_t{8}, &bits_total),
+             "{}: quantized shape [{}, {}] is too large (its size overflows 64 bits)", what, s.rows,
              s.cols);
   validate_scheme(s.scheme, s.cols, what);
   if (j.contains("code_offset")) {

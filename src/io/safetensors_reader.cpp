@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "json_text.hpp"
 #include "moqe/core/error.hpp"
 #include "moqe/io/safetensors.hpp"
 
@@ -109,8 +110,13 @@ std::optional<uint64_t> json_uint(const json& v, uint64_t max) {
 }  // namespace
 
 int64_t TensorInfo::numel() const {
+  // A TensorInfo read from a file was checked on open; one built by hand may hold anything.
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape) {
+    MOQE_CHECK(d >= 0 && !__builtin_mul_overflow(n, d, &n),
+               "tensor '{}': shape {} has a negative dimension or more than 2^63 elements", name,
+               shape_to_string(shape));
+  }
   return n;
 }
 
@@ -130,7 +136,9 @@ std::string shape_to_string(std::span<const int64_t> shape) {
 
 SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path) {
   const std::string where = path_.string();
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; it is then
+  // rejected below as not a regular file. (It has no effect on regular files.)
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   MOQE_CHECK(fd >= 0, "{}: cannot open: {}", where, errno_text(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -233,7 +241,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
         const auto dim = json_uint(d, static_cast<uint64_t>(std::numeric_limits<int64_t>::max()));
         MOQE_CHECK(dim.has_value(),
                    "{}: tensor '{}': shape {} has a dimension that is not a non-negative integer",
-                   where, name, sh->dump());
+                   where, name, detail::json_brief(*sh));
         t.shape.push_back(static_cast<int64_t>(*dim));
         overflow |= __builtin_mul_overflow(numel, *dim, &numel);
       }
@@ -247,12 +255,12 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
       MOQE_CHECK(off != entry.end(), "{}: tensor '{}': missing \"data_offsets\"", where, name);
       MOQE_CHECK(off->is_array() && off->size() == 2,
                  "{}: tensor '{}': \"data_offsets\" must be an array [begin, end], found {}", where,
-                 name, off->dump());
+                 name, detail::json_brief(*off));
       const auto begin = json_uint((*off)[0], std::numeric_limits<uint64_t>::max());
       const auto end = json_uint((*off)[1], std::numeric_limits<uint64_t>::max());
       MOQE_CHECK(begin && end,
                  "{}: tensor '{}': data_offsets {} must hold two non-negative integers", where,
-                 name, off->dump());
+                 name, detail::json_brief(*off));
       t.begin = *begin;
       t.end = *end;
       MOQE_CHECK(t.begin <= t.end, "{}: tensor '{}': data_offsets [{}, {}] end before they begin",

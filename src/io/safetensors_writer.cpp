@@ -37,16 +37,53 @@ uint64_t required_bytes(std::string_view name, DType dtype, std::span<const int6
   return bytes;
 }
 
+// Temporary files being written, readable from a signal handler: fixed slots (no allocation) and
+// lock-free atomics only. A slot goes free -> claimed (path being copied) -> live -> free; the
+// remover unlinks live paths only, and announces itself in `readers` first so that a slot is not
+// reclaimed (its path overwritten) while a remover may still read it. A path too long for a slot,
+// or a 65th concurrent write, is not registered (the ordinary error paths still remove it).
+struct TempSlot {
+  std::atomic<int> state{0};
+  std::atomic<int> readers{0};
+  char path[4096];
+};
+static_assert(std::atomic<int>::is_always_lock_free);
+constexpr int kFree = 0, kClaimed = 1, kLive = 2;
+TempSlot g_temp_slots[64];
+
+int register_temp(const std::filesystem::path& p) {
+  const std::string& s = p.native();
+  if (s.size() >= sizeof(TempSlot::path)) return -1;
+  for (int i = 0; i < static_cast<int>(std::size(g_temp_slots)); ++i) {
+    TempSlot& slot = g_temp_slots[i];
+    int expected = kFree;
+    if (!slot.state.compare_exchange_strong(expected, kClaimed)) continue;
+    if (slot.readers.load() != 0) {  // a remover may be reading the previous path
+      slot.state.store(kFree);
+      continue;
+    }
+    std::memcpy(slot.path, s.c_str(), s.size() + 1);
+    slot.state.store(kLive);
+    return i;
+  }
+  return -1;
+}
+
+void unregister_temp(int slot) {
+  if (slot >= 0) g_temp_slots[slot].state.store(kFree);
+}
+
 // Removes the temporary file unless the rename went through, so no failure leaves it behind.
 class TempFile {
  public:
-  explicit TempFile(std::filesystem::path p, int fd) : path_(std::move(p)), fd_(fd) {}
+  TempFile(std::filesystem::path p, int fd, int slot) : path_(std::move(p)), fd_(fd), slot_(slot) {}
   ~TempFile() {
     if (fd_ >= 0) ::close(fd_);
     if (!committed_) {
       std::error_code ec;
       std::filesystem::remove(path_, ec);
     }
+    unregister_temp(slot_);
   }
   TempFile(const TempFile&) = delete;
   TempFile& operator=(const TempFile&) = delete;
@@ -58,11 +95,13 @@ class TempFile {
     const int fd = std::exchange(fd_, -1);
     return ::close(fd) == 0 ? 0 : errno;
   }
+  // After the rename: the name is gone, so a signal handler unlinking it is harmless.
   void commit() { committed_ = true; }
 
  private:
   std::filesystem::path path_;
   int fd_;
+  int slot_;
   bool committed_ = false;
 };
 
@@ -79,9 +118,13 @@ TempFile create_temp_beside(const std::filesystem::path& target, const std::stri
     const uint64_t tag = seed + counter.fetch_add(1) * 0x9e3779b97f4a7c15ull;
     const std::filesystem::path tmp =
         dir / fmt::format(".{}.tmp.{}.{:016x}", target.filename().string(), ::getpid(), tag);
+    // Registered before it exists, so that no signal can arrive between creation and
+    // registration (unlinking a name not yet created is harmless).
+    const int slot = register_temp(tmp);
     const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd >= 0) return TempFile(tmp, fd);
+    if (fd >= 0) return TempFile(tmp, fd, slot);
     last_err = errno;
+    unregister_temp(slot);
     if (last_err != EEXIST) break;
   }
   MOQE_FAIL("{}: cannot create a temporary file in {}: {}", where, dir.string(),
@@ -100,6 +143,28 @@ void write_all(const TempFile& f, const std::byte* p, size_t n, const std::strin
     MOQE_CHECK(w > 0, "{}: write to {} made no progress", where, f.path().string());
     p += w;
     n -= static_cast<size_t>(w);
+  }
+}
+
+// Makes the temporary file durable and renames it over `path`.
+void commit_temp(TempFile& tmp, const std::filesystem::path& path, const std::string& where) {
+  if (::fsync(tmp.fd()) != 0) {
+    MOQE_FAIL("{}: fsync of {} failed: {}", where, tmp.path().string(), errno_text(errno));
+  }
+  if (const int err = tmp.close(); err != 0) {
+    MOQE_FAIL("{}: close of {} failed: {}", where, tmp.path().string(), errno_text(err));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp.path(), path, ec);
+  MOQE_CHECK(!ec, "{}: cannot rename {} into place: {}", where, tmp.path().string(), ec.message());
+  tmp.commit();
+
+  // Makes the rename itself durable; the file is complete either way, so failure is not fatal.
+  std::filesystem::path dir = path.parent_path();
+  if (dir.empty()) dir = ".";
+  if (const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
   }
 }
 
@@ -174,23 +239,22 @@ void SafetensorsWriter::write(const std::filesystem::path& path) const {
   write_all(tmp, reinterpret_cast<const std::byte*>(header.data()), header.size(), where);
   for (const Entry* e : order) write_all(tmp, e->view.data(), e->view.size(), where);
 
-  if (::fsync(tmp.fd()) != 0) {
-    MOQE_FAIL("{}: fsync of {} failed: {}", where, tmp.path().string(), errno_text(errno));
-  }
-  if (const int err = tmp.close(); err != 0) {
-    MOQE_FAIL("{}: close of {} failed: {}", where, tmp.path().string(), errno_text(err));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp.path(), path, ec);
-  MOQE_CHECK(!ec, "{}: cannot rename {} into place: {}", where, tmp.path().string(), ec.message());
-  tmp.commit();
+  commit_temp(tmp, path, where);
+}
 
-  // Makes the rename itself durable; the file is complete either way, so failure is not fatal.
-  std::filesystem::path dir = path.parent_path();
-  if (dir.empty()) dir = ".";
-  if (const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
+void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes) {
+  const std::string where = path.string();
+  MOQE_CHECK(path.has_filename(), "{}: not a file name", where);
+  TempFile tmp = create_temp_beside(path, where);
+  write_all(tmp, bytes.data(), bytes.size(), where);
+  commit_temp(tmp, path, where);
+}
+
+void remove_temporary_files() noexcept {
+  for (TempSlot& slot : g_temp_slots) {
+    slot.readers.fetch_add(1);
+    if (slot.state.load() == kLive) ::unlink(slot.path);
+    slot.readers.fetch_sub(1);
   }
 }
 

@@ -2,9 +2,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 
+#include "../io/json_text.hpp"
 #include "moqe/core/error.hpp"
 #include "moqe/io/quantized_format.hpp"
 
@@ -20,14 +23,15 @@ std::string join(std::string_view prefix, std::string_view rest) {
 }
 
 // A dense or quantized 2-D weight with its expected shape checked.
-QuantizedLinear load_linear(const Checkpoint& ckpt, const std::string& name, int64_t n, int64_t k) {
+QuantizedLinear load_linear(const Checkpoint& ckpt, const std::string& name, int64_t n, int64_t k,
+                            Numerics numerics) {
   const std::string where = ckpt.path().string();
   if (is_quantized(ckpt, name)) {
     QuantizedMatrix q = load_quantized(ckpt, name);
     MOQE_CHECK(q.rows() == n && q.cols() == k,
                "{}: tensor '{}' has shape [{}, {}], expected [{}, {}]", where, name, q.rows(),
                q.cols(), n, k);
-    return QuantizedLinear::from_quantized(std::move(q));
+    return QuantizedLinear::from_quantized(std::move(q), numerics);
   }
   MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}' (expected shape [{}, {}])", where, name,
              n, k);
@@ -128,6 +132,16 @@ std::filesystem::path default_config_path(const std::filesystem::path& weights) 
 }
 
 MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
+  // A FIFO or device could block or never end; real configs are a few kB.
+  constexpr uintmax_t kMaxConfigBytes = 16 << 20;
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(path, ec);
+  MOQE_CHECK(std::filesystem::exists(st), "cannot open config {}: no such file", path.string());
+  MOQE_CHECK(std::filesystem::is_regular_file(st), "config {}: not a regular file", path.string());
+  const uintmax_t size = std::filesystem::file_size(path, ec);
+  MOQE_CHECK(!ec, "config {}: cannot stat: {}", path.string(), ec.message());
+  MOQE_CHECK(size <= kMaxConfigBytes, "config {}: {} bytes exceeds the limit of {} bytes",
+             path.string(), size, kMaxConfigBytes);
   std::ifstream f(path);
   MOQE_CHECK(f.good(), "cannot open config {}", path.string());
   nlohmann::json j;
@@ -140,25 +154,25 @@ MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
   auto get_int = [&](const char* key, int64_t def) -> int64_t {
     if (!j.contains(key) || j[key].is_null()) return def;
     MOQE_CHECK(j[key].is_number_integer(), "{}: '{}' must be an integer, got {}", path.string(),
-               key, j[key].dump());
+               key, detail::json_brief(j[key]));
     return j[key].get<int64_t>();
   };
   auto get_num = [&](const char* key, double def) -> double {
     if (!j.contains(key) || j[key].is_null()) return def;
     MOQE_CHECK(j[key].is_number(), "{}: '{}' must be a number, got {}", path.string(), key,
-               j[key].dump());
+               detail::json_brief(j[key]));
     return j[key].get<double>();
   };
   auto get_bool = [&](const char* key, bool def) -> bool {
     if (!j.contains(key) || j[key].is_null()) return def;
     MOQE_CHECK(j[key].is_boolean(), "{}: '{}' must be true or false, got {}", path.string(), key,
-               j[key].dump());
+               detail::json_brief(j[key]));
     return j[key].get<bool>();
   };
   auto get_str = [&](const char* key, const char* def) -> std::string {
     if (!j.contains(key) || j[key].is_null()) return def;
     MOQE_CHECK(j[key].is_string(), "{}: '{}' must be a string, got {}", path.string(), key,
-               j[key].dump());
+               detail::json_brief(j[key]));
     return j[key].get<std::string>();
   };
   MoeConfig c;
@@ -191,8 +205,12 @@ MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
       c.n_shared_experts = get_int("n_shared_experts", v3 ? 1 : 2);
       c.n_group = get_int("n_group", v3 ? 8 : 1);
       c.topk_group = get_int("topk_group", v3 ? 4 : 1);
-      c.routed_scaling_factor =
-          static_cast<float>(get_num("routed_scaling_factor", v3 ? 2.5 : 1.0));
+      const double scaling = get_num("routed_scaling_factor", v3 ? 2.5 : 1.0);
+      // 1e999 parses as inf, and a double past the float range has no float value: every
+      // routing weight would be inf or NaN.
+      MOQE_CHECK(std::fabs(scaling) <= std::numeric_limits<float>::max(),
+                 "{}: routed_scaling_factor {} is not a finite float", path.string(), scaling);
+      c.routed_scaling_factor = static_cast<float>(scaling);
       c.norm_topk_prob = get_bool("norm_topk_prob", v3);
       act = get_str("hidden_act", "silu");
       const std::string method = get_str("topk_method", v3 ? "noaux_tc" : "greedy");
@@ -327,12 +345,13 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
                    "{}: tensor '{}' has shape {}, expected [d_ff, {}]", where, up_name,
                    shape_to_string(us), h);
         const int64_t i = us[0];
-        QuantizedLinear up = load_linear(ckpt, up_name, i, h);
-        QuantizedLinear down = load_linear(ckpt, base + ".wo.weight", h, i);
+        QuantizedLinear up = load_linear(ckpt, up_name, i, h, options.numerics);
+        QuantizedLinear down = load_linear(ckpt, base + ".wo.weight", h, i, options.numerics);
         experts.push_back(std::make_shared<const ExpertMLP>(
-            gated ? ExpertMLP::glu(load_linear(ckpt, base + ".wi_0.weight", i, h), std::move(up),
-                                   std::move(down), c.activation, options.fuse_gate_up)
-                  : ExpertMLP::mlp(std::move(up), std::move(down), c.activation)));
+            gated
+                ? ExpertMLP::glu(load_linear(ckpt, base + ".wi_0.weight", i, h, options.numerics),
+                                 std::move(up), std::move(down), c.activation, options.fuse_gate_up)
+                : ExpertMLP::mlp(std::move(up), std::move(down), c.activation)));
         continue;
       }
       const std::string base = join(prefix, "experts." + std::to_string(e));
@@ -345,9 +364,10 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
                  "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where, g,
                  shape_to_string(gs), h);
       const int64_t i = gs[0];
-      experts.push_back(std::make_shared<const ExpertMLP>(
-          ExpertMLP::glu(load_linear(ckpt, g, i, h), load_linear(ckpt, u, i, h),
-                         load_linear(ckpt, d, h, i), c.activation, options.fuse_gate_up)));
+      experts.push_back(std::make_shared<const ExpertMLP>(ExpertMLP::glu(
+          load_linear(ckpt, g, i, h, options.numerics),
+          load_linear(ckpt, u, i, h, options.numerics),
+          load_linear(ckpt, d, h, i, options.numerics), c.activation, options.fuse_gate_up)));
     }
   }
 
@@ -359,10 +379,11 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
                "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where,
                base + ".gate_proj.weight", shape_to_string(gs), h);
     const int64_t i = gs[0];
-    return std::make_shared<const ExpertMLP>(ExpertMLP::glu(
-        load_linear(ckpt, base + ".gate_proj.weight", i, h),
-        load_linear(ckpt, base + ".up_proj.weight", i, h),
-        load_linear(ckpt, base + ".down_proj.weight", h, i), c.activation, options.fuse_gate_up));
+    return std::make_shared<const ExpertMLP>(
+        ExpertMLP::glu(load_linear(ckpt, base + ".gate_proj.weight", i, h, options.numerics),
+                       load_linear(ckpt, base + ".up_proj.weight", i, h, options.numerics),
+                       load_linear(ckpt, base + ".down_proj.weight", h, i, options.numerics),
+                       c.activation, options.fuse_gate_up));
   };
   if (c.family == Family::kQwen2Moe) {
     const std::string base = join(prefix, "shared_expert");

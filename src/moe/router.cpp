@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "moqe/core/threading.hpp"
 #include "moqe/gemm/reference.hpp"
@@ -31,7 +32,11 @@ void softmax_inplace(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] /= sum;
 }
 
-int64_t ceil_div(double a, double b) { return static_cast<int64_t>(std::ceil(a / b)); }
+// Saturates: a huge capacity_factor means no limit, and casting past int64 would be undefined.
+int64_t ceil_div(double a, double b) {
+  const double q = std::ceil(a / b);
+  return q < 9.2e18 ? static_cast<int64_t>(q) : std::numeric_limits<int64_t>::max();
+}
 
 }  // namespace
 
@@ -91,8 +96,9 @@ std::string check_router_config(const RouterConfig& c) {
   if (c.kind == RouterKind::kSwitch && c.top_k != 1) {
     return fmt::format("the switch router is top-1, got top_k {}", c.top_k);
   }
-  if (c.capacity_factor < 0)
-    return fmt::format("capacity_factor {} is negative", c.capacity_factor);
+  if (!(c.capacity_factor >= 0) || std::isinf(c.capacity_factor)) {  // NaN fails >= too
+    return fmt::format("capacity_factor {} must be finite and >= 0", c.capacity_factor);
+  }
   if (c.expert_capacity < 0)
     return fmt::format("expert_capacity {} is negative", c.expert_capacity);
   const bool grouped =
@@ -129,8 +135,13 @@ std::string check_router_config(const RouterConfig& c) {
         return fmt::format("task {} has {} experts and {} weights; top_k is {}", t,
                            r.experts.size(), r.weights.size(), c.top_k);
       }
-      for (int32_t x : r.experts) {
+      for (size_t j = 0; j < r.experts.size(); ++j) {
+        const int32_t x = r.experts[j];
         if (x < 0 || x >= e) return fmt::format("task {} names expert {} of {}", t, x, e);
+        // An expert sees each token at most once (the layer's workspace is sized for that).
+        if (std::find(r.experts.begin(), r.experts.begin() + j, x) != r.experts.begin() + j) {
+          return fmt::format("task {} names expert {} twice", t, x);
+        }
       }
     }
   }
@@ -203,16 +214,27 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
     logits(x, scores, o.num_threads);
     if (c.kind != RouterKind::kExpertChoice) {
       parallel_for(t_count, o.num_threads, 64, [&](int64_t t0, int64_t t1) {
-        std::vector<uint8_t> masked(static_cast<size_t>(e));
-        std::vector<float> choice(static_cast<size_t>(e));
-        std::vector<float> group_score(static_cast<size_t>(c.n_group));
-        std::vector<int32_t> keep(static_cast<size_t>(c.n_group));
+        // Per-thread scratch, grown once: routing allocates nothing per call after warm-up.
+        thread_local std::vector<uint8_t> masked;
+        thread_local std::vector<float> choice;
+        masked.resize(static_cast<size_t>(e));
+        choice.resize(static_cast<size_t>(e));
+        // n_group is validated (and used) only by group-limited routing; a greedy DeepSeek-V2
+        // config may carry any value there.
+        const bool grouped =
+            c.kind == RouterKind::kDeepSeekV3 ||
+            (c.kind == RouterKind::kDeepSeekV2 && c.topk_method == TopkMethod::kGroupLimitedGreedy);
+        const int64_t n_group = grouped ? c.n_group : 1;
+        thread_local std::vector<float> group_score;
+        thread_local std::vector<int32_t> keep;
+        group_score.resize(static_cast<size_t>(n_group));
+        keep.resize(static_cast<size_t>(n_group));
         for (int64_t t = t0; t < t1; ++t) {
           if (!active(t)) continue;
           float* p = scores.row(t);
           int32_t* ids = &out.ids[t * slots];
           float* w = &out.weights[t * slots];
-          const int64_t gsize = e / c.n_group;
+          const int64_t gsize = e / n_group;
           auto mask_groups = [&]() {  // keep the topk_group best groups (scored into group_score)
             topk_indices(group_score.data(), c.n_group, c.topk_group, keep.data());
             std::fill(masked.begin(), masked.end(), 1);
@@ -267,7 +289,9 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
               for (int64_t i = 0; i < e; ++i) {
                 if (masked[i]) choice[i] = -INFINITY;
               }
-              topk_indices(choice.data(), e, k, ids);
+              // Excluded as well as -inf: a kept expert whose score is NaN must not lose its
+              // place to a masked one (NaN ranks below -inf).
+              topk_indices(choice.data(), e, k, ids, masked.data());
               float sum = 0;
               for (int64_t j = 0; j < k; ++j) sum += (w[j] = p[ids[j]]);
               if (c.norm_topk_prob) {
@@ -292,9 +316,12 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
           std::min(n_active, c.expert_capacity > 0 ? c.expert_capacity
                                                    : ceil_div(double(n_active) * k, double(e)));
       parallel_for(e, o.num_threads, 1, [&](int64_t e0, int64_t e1) {
-        std::vector<float> col(static_cast<size_t>(t_count));
-        std::vector<uint8_t> excluded(static_cast<size_t>(t_count));
-        std::vector<int32_t> chosen(static_cast<size_t>(cap));
+        thread_local std::vector<float> col;
+        thread_local std::vector<uint8_t> excluded;
+        thread_local std::vector<int32_t> chosen;
+        col.resize(static_cast<size_t>(t_count));
+        excluded.resize(static_cast<size_t>(t_count));
+        chosen.resize(static_cast<size_t>(cap));
         for (int64_t x_e = e0; x_e < e1; ++x_e) {
           for (int64_t t = 0; t < t_count; ++t) {
             col[t] = scores(t, x_e);
@@ -314,8 +341,9 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
 
   // Capacity, in token order (a sequential pass: admission depends on earlier tokens).
   if (c.kind == RouterKind::kSwitch && c.expert_capacity > 0) {
-    std::vector<int64_t> seq(o.sequence_lengths.begin(), o.sequence_lengths.end());
-    if (seq.empty()) seq.push_back(t_count);
+    const int64_t whole[1] = {t_count};
+    const std::span<const int64_t> seq =
+        o.sequence_lengths.empty() ? std::span<const int64_t>(whole) : o.sequence_lengths;
     int64_t total = 0;
     for (int64_t s : seq) {
       MOQE_CHECK(s >= 0, "switch router: negative sequence length {}", s);
@@ -323,7 +351,8 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
     }
     MOQE_CHECK(total == t_count, "switch router: sequence lengths sum to {}, not {} tokens", total,
                t_count);
-    std::vector<int64_t> load(static_cast<size_t>(e));
+    thread_local std::vector<int64_t> load;
+    load.resize(static_cast<size_t>(e));
     int64_t t = 0;
     for (int64_t s : seq) {
       std::fill(load.begin(), load.end(), 0);
@@ -341,7 +370,8 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
     int64_t n_active = 0;
     for (int64_t t = 0; t < t_count; ++t) n_active += active(t) ? 1 : 0;
     const int64_t cap = ceil_div(c.capacity_factor * double(n_active) * double(k), double(e));
-    std::vector<int64_t> load(static_cast<size_t>(e));
+    thread_local std::vector<int64_t> load;
+    load.assign(static_cast<size_t>(e), 0);
     for (int64_t s = 0; s < t_count * slots; ++s) {
       const int32_t id = out.ids[s];
       if (id < 0 || !out.kept[s]) continue;

@@ -19,6 +19,11 @@ QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const Qu
                                             std::vector<uint8_t> qweight, std::vector<float> scales,
                                             std::vector<uint8_t> zeros, std::string_view name) {
   MOQE_CHECK(rows >= 0 && cols > 0, "{}: invalid quantized shape [{}, {}]", name, rows, cols);
+  int64_t bits_total = 0;  // rows * cols * 8 bounds every size computed below
+  MOQE_CHECK(!__builtin_mul_overflow(rows, cols, &bits_total) &&
+                 !__builtin_mul_overflow(bits_total, int64_t{8}, &bits_total),
+             "{}: quantized shape [{}, {}] is too large (its size overflows 64 bits)", name, rows,
+             cols);
   validate_scheme(scheme, cols, name);
   QuantizedMatrix q;
   q.rows_ = rows;

@@ -2,6 +2,7 @@
 // (Hugging Face sharding). Tensors are looked up by name across shards.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -16,6 +17,9 @@ namespace moqe {
 
 class Checkpoint {
  public:
+  // model.safetensors.index.json files larger than this are refused (real ones hold ~10 MB).
+  static constexpr uint64_t kMaxIndexBytes = 100'000'000;
+
   // `path` is a .safetensors file, a model.safetensors.index.json, or a directory holding either
   // an index (sharded) or .safetensors files (all are opened; a tensor name present in two files
   // is an error naming both). A shard named by the index but missing is an error naming the

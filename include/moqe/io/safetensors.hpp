@@ -1,5 +1,6 @@
 // safetensors files: a memory-mapped reader that applies every validation rule of the reference
-// implementation, and a writer that never leaves a partial file (temporary name, then rename).
+// implementation, and a writer that never leaves a partial file (temporary name, then rename),
+// even when a signal ends the process (remove_temporary_files).
 #pragma once
 
 #include <cstddef>
@@ -109,5 +110,15 @@ class SafetensorsWriter {
   std::set<std::string, std::less<>> names_;  // keeps add() and contains() O(log n)
   std::map<std::string, std::string> metadata_;
 };
+
+// Writes `bytes` to `path` as SafetensorsWriter::write does: a temporary file in the same
+// directory, fsync'd, then renamed over `path`. On failure `path` is untouched, no temporary file
+// remains, and moqe::Error names the file.
+void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes);
+
+// Unlinks the temporary files of every write in progress in this process (any thread), so that a
+// process ended by a signal leaves no partial file. Async-signal-safe: meant for a SIGINT/SIGTERM
+// handler that then calls _exit, as the moqe tool does. The targets of those writes are untouched.
+void remove_temporary_files() noexcept;
 
 }  // namespace moqe

@@ -54,10 +54,15 @@ struct LoadOptions {
   int num_threads = 0;
   // Switch tokens over capacity: p_max * x (DESIGN.md; transformers 4.x) or 0 (transformers 5.x).
   bool switch_passthrough = true;
+  // kFast: quantized experts take int8 activations (opt-in; see gemm/linear.hpp).
+  Numerics numerics = Numerics::kExact;
 };
 
 // The layer at `prefix` (e.g. "model.layers.0.block_sparse_moe" or "model.layers.1.mlp").
-// A missing or mis-shaped tensor is an error naming it and both shapes.
+// A missing or mis-shaped tensor is an error naming it and both shapes. Quantized weights are
+// checked (a non-finite scale is an error naming row and group); unquantized ones are loaded as
+// they are, not scanned for NaN or Inf: a NaN weight gives NaN outputs for the tokens routed to
+// its expert only.
 MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& config,
                         const LoadOptions& options = {});
 
