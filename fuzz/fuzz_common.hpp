@@ -39,12 +39,16 @@ class MemFile {
   int fd_ = -1;
 };
 
-// A per-process scratch directory, on tmpfs where there is one; removed at exit.
+// A per-process scratch directory: under $MOQE_FUZZ_SCRATCH when set (fuzz/run.sh sets it and
+// removes it afterwards: libFuzzer ends with _Exit, so atexit handlers do not always run), else
+// on tmpfs where there is one.
 inline const std::filesystem::path& scratch_dir() {
   static const std::filesystem::path dir = [] {
     std::filesystem::path base = std::filesystem::temp_directory_path();
     std::error_code ec;
-    if (std::filesystem::is_directory("/dev/shm", ec) && ::access("/dev/shm", W_OK) == 0) {
+    if (const char* env = std::getenv("MOQE_FUZZ_SCRATCH"); env != nullptr && *env != '\0') {
+      base = env;
+    } else if (std::filesystem::is_directory("/dev/shm", ec) && ::access("/dev/shm", W_OK) == 0) {
       base = "/dev/shm";
     }
     const auto d = base / ("moqe-fuzz-" + std::to_string(::getpid()));

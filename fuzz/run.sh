@@ -16,16 +16,27 @@ targets=("$@")
 status=0
 for t in "${targets[@]}"; do
   bin="$build/fuzz/$t"
-  [ -x "$bin" ] || { echo "fuzz: $bin is not built (cmake --build $build --target moqe_fuzzers)"; exit 2; }
+  if [ ! -x "$bin" ]; then
+    echo "fuzz: $bin is not built (cmake --build $build --target moqe_fuzzers)"
+    exit 2
+  fi
   work="$build/fuzz/work/$t"
   mkdir -p "$work/corpus"
+  # Scratch files on tmpfs where there is one, removed afterwards.
+  tmp_base=/dev/shm
+  [ -w "$tmp_base" ] || tmp_base="${TMPDIR:-/tmp}"
+  scratch=$(mktemp -d "$tmp_base/moqe-fuzz.XXXXXX")
   # The first directory receives new inputs; the committed seeds stay read-only.
+  MOQE_FUZZ_SCRATCH="$scratch" "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
+    -max_len=65536 -print_final_stats=1 -artifact_prefix="$work/" "$work/corpus" \
+    "fuzz/corpus/$t" >"$work/log.txt" 2>&1 &
+  pid=$!
   set +e
-  "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=65536 \
-    -print_final_stats=1 -artifact_prefix="$work/" "$work/corpus" "fuzz/corpus/$t" \
-    >"$work/log.txt" 2>&1
+  wait $pid
   rc=$?
   set -e
+  # libFuzzer ends with _Exit, so libomp leaves its registration file behind.
+  rm -rf "$scratch" /dev/shm/__KMP_REGISTERED_LIB_"$pid"_*
   execs=$(sed -n "s/^stat::number_of_executed_units: *//p" "$work/log.txt" | tail -1 || true)
   cov=$(grep -o "cov: [0-9]*" "$work/log.txt" | tail -1 || true)
   printf 'fuzz: %-18s %6s s  %10s executions  %-10s  exit %d\n' "$t" "$seconds" "${execs:-?}" \

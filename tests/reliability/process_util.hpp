@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/core.h>
+
 namespace moqe::test {
 
 inline std::string read_text(const std::filesystem::path& p) {
@@ -98,6 +100,11 @@ class CliProcess {
       }
       waited_ = true;
     }
+    // A child ended by a signal or _exit (the tool's handlers) skips libomp's cleanup of its
+    // registration file (Clang builds): remove it so that test runs leave /dev/shm as it was.
+    std::error_code ec;
+    std::filesystem::remove(fmt::format("/dev/shm/__KMP_REGISTERED_LIB_{}_{}", pid_, ::getuid()),
+                            ec);
     Outcome o;
     o.exited = WIFEXITED(status_);
     o.code = o.exited ? WEXITSTATUS(status_) : WTERMSIG(status_);

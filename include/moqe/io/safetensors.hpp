@@ -1,6 +1,5 @@
 // safetensors files: a memory-mapped reader that applies every validation rule of the reference
-// implementation, and a writer that never leaves a partial file (temporary name, then rename),
-// even when a signal ends the process (remove_temporary_files).
+// implementation, and a writer that never leaves a partial file, even when a signal strikes.
 #pragma once
 
 #include <cstddef>
