@@ -73,6 +73,14 @@ void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int
 using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m0, int mcount,
                             float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+// The kernels a layer calls, one per count of activation rows (1..4): chosen once when the layer
+// is built, so a call indexes a table instead of switching on bits, mode and storage.
+struct KernelTable {
+  QuantKernel quant[4] = {};
+  FastKernel fast[4] = {};
+  DenseKernel dense[4] = {};
+};
+
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);

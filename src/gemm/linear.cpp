@@ -54,19 +54,36 @@ QuantizedLinear QuantizedLinear::from_half(std::vector<uint16_t> bits, DType dty
 void QuantizedLinear::choose_kernel(Numerics requested) {
   isa_ = CpuIsa::kReference;
   numerics_ = Numerics::kExact;
+  kernels_.reset();
 #if defined(MOQE_HAVE_AVX2_KERNELS)
-  if (active_cpu_isa() >= CpuIsa::kAvx2) {
-    if (storage_ != WeightStorage::kQuantized) {
-      isa_ = CpuIsa::kAvx2;
-    } else if (detail::can_pack(*q_)) {
+  if (active_cpu_isa() < CpuIsa::kAvx2) return;
+  auto table = std::make_shared<detail::KernelTable>();
+  if (storage_ == WeightStorage::kQuantized) {
+    if (packed_ == nullptr) {
+      if (!detail::can_pack(*q_)) return;  // whole 32-blocks only: the reference runs it
       packed_ = std::make_shared<const detail::PackedQuant>(detail::pack(*q_));
       q_.reset();  // the kernels and decode_row read the packed copy only
-      isa_ = CpuIsa::kAvx2;
-      if (requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)) {
-        numerics_ = Numerics::kFast;
+    }
+    numerics_ = requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)
+                    ? Numerics::kFast
+                    : Numerics::kExact;
+    for (int m = 1; m <= 4; ++m) {
+      if (numerics_ == Numerics::kFast) {
+        table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m);
+      } else {
+        table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m);
       }
     }
+  } else {
+    const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
+                                   : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
+                                                                     : detail::DenseKind::kBF16;
+    for (int m = 1; m <= 4; ++m) table->dense[m - 1] = detail::dense_kernel_avx2(kind, m);
   }
+  kernels_ = std::move(table);
+  isa_ = CpuIsa::kAvx2;
+#else
+  (void)requested;
 #endif
 }
 
@@ -183,16 +200,9 @@ void QuantizedLinear::decode_row(int64_t n, float* out) const {
         detail::decode_row(*packed_, n, out);
         return;
       }
-      const QuantizedMatrix& q = *q_;
-      const int64_t g = q.group_size();
-      const uint8_t* row = q.packed_row(n);
-      for (int64_t j = 0; j < q.groups_per_row(); ++j) {
-        const float s = q.scale(n, j);
-        const int z = q.zero(n, j);
-        for (int64_t c = j * g; c < (j + 1) * g; ++c) {
-          out[c] = dequantize_code(unpack_code(row, c, q.bits()), z, s);
-        }
-      }
+      thread_local std::vector<uint8_t> codes;
+      codes.resize(static_cast<size_t>(k_));
+      q_->dequantize_row(n, out, codes.data());
       return;
     }
   }
@@ -221,28 +231,25 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
                                    MatrixView<float> y, int64_t n0, int64_t n1) const {
   const int64_t m_count = x.rows();
   if (m_count == 0 || n0 >= n1) return;
-#if defined(MOQE_HAVE_AVX2_KERNELS)
-  if (isa_ == CpuIsa::kAvx2) {
+  if (kernels_) {
+    const detail::KernelTable& kt = *kernels_;
+    const void* dense = f32_    ? static_cast<const void*>(f32_->data())
+                        : half_ ? static_cast<const void*>(half_->data())
+                                : nullptr;
     for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
       const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
-      if (packed_ && numerics_ == Numerics::kFast) {
-        detail::fast_kernel_avx2(packed_->bits, mc)(*packed_, scratch, m0, mc, y.row(m0),
-                                                    y.row_stride(), n0, n1);
-      } else if (packed_) {
-        detail::quant_kernel_avx2(packed_->bits, mc)(*packed_, x.row(m0), x.row_stride(), mc,
-                                                     y.row(m0), y.row_stride(), n0, n1);
+      if (kt.fast[mc - 1] != nullptr) {
+        kt.fast[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), n0, n1);
+      } else if (kt.quant[mc - 1] != nullptr) {
+        kt.quant[mc - 1](*packed_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), n0,
+                         n1);
       } else {
-        const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
-                                       : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
-                                                                         : detail::DenseKind::kBF16;
-        const void* w = f32_ ? static_cast<const void*>(f32_->data()) : half_->data();
-        detail::dense_kernel_avx2(kind, mc)(w, k_, x.row(m0), x.row_stride(), mc, y.row(m0),
-                                            y.row_stride(), n0, n1);
+        kt.dense[mc - 1](dense, k_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), n0,
+                         n1);
       }
     }
     return;
   }
-#endif
   (void)scratch;
   thread_local std::vector<float> row;
   if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));

@@ -62,6 +62,16 @@ QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const Qu
   return q;
 }
 
+void QuantizedMatrix::dequantize_row(int64_t r, float* out, uint8_t* codes) const {
+  const int64_t g = group_size();
+  unpack_row(packed_row(r), cols_, bits(), codes);
+  for (int64_t j = 0; j < groups_per_row(); ++j) {
+    const float s = scale(r, j);
+    const int z = zero(r, j);
+    for (int64_t c = j * g; c < (j + 1) * g; ++c) out[c] = dequantize_code(codes[c], z, s);
+  }
+}
+
 float QuantizedMatrix::at(int64_t r, int64_t c) const {
   const int64_t g = c / group_size();
   return dequantize_code(unpack_code(packed_row(r), c, bits()), zero(r, g), scale(r, g));
@@ -152,15 +162,8 @@ QuantizedMatrix quantize(MatrixView<const float> w, const QuantScheme& scheme,
 
 namespace {
 
-// Dequantizes row r of q into out[0..K).
 void dequantize_row(const QuantizedMatrix& q, int64_t r, float* out, uint8_t* codes) {
-  const int64_t g = q.group_size(), k = q.cols();
-  unpack_row(q.packed_row(r), k, q.bits(), codes);
-  for (int64_t j = 0; j < q.groups_per_row(); ++j) {
-    const float s = q.scale(r, j);
-    const int z = q.zero(r, j);
-    for (int64_t c = j * g; c < (j + 1) * g; ++c) out[c] = dequantize_code(codes[c], z, s);
-  }
+  q.dequantize_row(r, out, codes);
 }
 
 struct RowSums {

@@ -21,6 +21,7 @@ namespace moqe {
 
 namespace detail {
 struct PackedQuant;
+struct KernelTable;
 }  // namespace detail
 
 enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
@@ -94,10 +95,11 @@ class QuantizedLinear {
   // Shared so that copies of a layer (task sub-networks, fused views) do not copy weights.
   std::shared_ptr<const std::vector<float>> f32_;
   std::shared_ptr<const std::vector<uint16_t>> half_;
-  std::shared_ptr<const QuantizedMatrix> q_;           // the file layout (reference kernels)
-  std::shared_ptr<const detail::PackedQuant> packed_;  // the SIMD layout, when isa_ uses one
-  QuantScheme scheme_{};                               // quantized storage, as given
-  int64_t group_ = 0;                                  // its resolved group size
+  std::shared_ptr<const QuantizedMatrix> q_;            // the file layout (reference kernels)
+  std::shared_ptr<const detail::PackedQuant> packed_;   // the SIMD layout, when isa_ uses one
+  std::shared_ptr<const detail::KernelTable> kernels_;  // the SIMD kernels, when isa_ uses them
+  QuantScheme scheme_{};                                // quantized storage, as given
+  int64_t group_ = 0;                                   // its resolved group size
   CpuIsa isa_ = CpuIsa::kReference;
   Numerics numerics_ = Numerics::kExact;
   void choose_kernel(Numerics requested = Numerics::kExact);

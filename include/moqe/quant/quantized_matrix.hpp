@@ -48,6 +48,8 @@ class QuantizedMatrix {
   }
   // Dequantized element (r, c), the scalar reference.
   float at(int64_t r, int64_t c) const;
+  // Row r dequantized into out[0..K), the scalar reference; codes is scratch for K codes.
+  void dequantize_row(int64_t r, float* out, uint8_t* codes) const;
 
   // Bytes as stored: packed codes + scales at their storage width + zero points.
   int64_t storage_bytes() const;
