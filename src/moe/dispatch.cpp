@@ -17,7 +17,12 @@ void DispatchPlan::reserve(int64_t max_tokens, int64_t slots, int64_t num_expert
   slot_row_.reserve(n);
 }
 
-void DispatchPlan::build(const Routing& r) {
+void DispatchPlan::build(const Routing& r) { build(r, {}); }
+
+void DispatchPlan::build(const Routing& r, std::span<const int32_t> bucket) {
+  MOQE_CHECK(bucket.empty() || static_cast<int64_t>(bucket.size()) == r.num_experts,
+             "DispatchPlan: {} buckets for {} experts", bucket.size(), r.num_experts);
+  auto bucket_of = [&](int32_t e) { return bucket.empty() ? e : bucket[e]; };
   tokens_ = r.tokens;
   slots_ = r.slots;
   num_experts_ = r.num_experts;
@@ -28,7 +33,10 @@ void DispatchPlan::build(const Routing& r) {
     MOQE_CHECK(r.ids[s] >= 0 && r.ids[s] < num_experts_,
                "DispatchPlan: kept slot {} of token {} names expert {} of {}", s % slots_,
                s / slots_, r.ids[s], num_experts_);
-    offsets_[r.ids[s] + 1]++;
+    const int32_t b = bucket_of(r.ids[s]);
+    MOQE_CHECK(b >= 0 && b < num_experts_, "DispatchPlan: expert {} has bucket {} of {}", r.ids[s],
+               b, num_experts_);
+    offsets_[b + 1]++;
   }
   for (int64_t e = 0; e < num_experts_; ++e) offsets_[e + 1] += offsets_[e];  // scan
   cursor_.assign(offsets_.begin(), offsets_.end() - 1);
@@ -39,7 +47,7 @@ void DispatchPlan::build(const Routing& r) {
   slot_row_.assign(static_cast<size_t>(n), -1);
   for (int64_t s = 0; s < n; ++s) {  // scatter, in (token, slot) order: stable
     if (!r.kept[s]) continue;
-    const int64_t row = cursor_[r.ids[s]]++;
+    const int64_t row = cursor_[bucket_of(r.ids[s])]++;
     row_token_[row] = static_cast<int32_t>(s / slots_);
     row_slot_[row] = s;
     row_weight_[row] = r.weights[s];

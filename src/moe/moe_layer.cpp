@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "layer_tail.hpp"
 #include "moqe/core/threading.hpp"
 #include "moqe/gemm/reference.hpp"
 
@@ -11,29 +12,22 @@ namespace moqe {
 
 MoELayer::MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> experts,
                    std::vector<SharedExpert> shared, std::optional<ResidualMLP> residual)
-    : router_(std::move(router)),
-      experts_(std::move(experts)),
-      shared_(std::move(shared)),
-      residual_(std::move(residual)) {
-  MOQE_CHECK(static_cast<int64_t>(experts_.size()) == router_.num_experts(),
-             "MoELayer: {} experts for a router over {}", experts_.size(), router_.num_experts());
-  MOQE_CHECK(!experts_.empty(), "MoELayer: no experts");
-  hidden_ = experts_[0]->hidden();
-  auto check_mlp = [&](const ExpertMLP& m, const std::string& what) {
-    MOQE_CHECK(m.hidden() == hidden_, "MoELayer: {} has hidden size {}, expert 0 has {}", what,
-               m.hidden(), hidden_);
-    max_intermediate_ = std::max(max_intermediate_, m.intermediate());
-  };
-  grouped_ = true;
-  for (size_t e = 0; e < experts_.size(); ++e) {
-    MOQE_CHECK(experts_[e] != nullptr, "MoELayer: expert {} is missing", e);
-    check_mlp(*experts_[e], fmt::format("expert {}", e));
-    grouped_ = grouped_ && experts_[e]->single_first();
-  }
+    : router_(std::move(router)), shared_(std::move(shared)), residual_(std::move(residual)) {
+  MOQE_CHECK(static_cast<int64_t>(experts.size()) == router_.num_experts(),
+             "MoELayer: {} experts for a router over {}", experts.size(), router_.num_experts());
+  MOQE_CHECK(!experts.empty(), "MoELayer: no experts");
+  MOQE_CHECK(experts[0] != nullptr, "MoELayer: expert 0 is missing");
+  hidden_ = experts[0]->hidden();
+  experts_ = ExpertGroup(std::move(experts), hidden_);
   if (router_.kind() != RouterKind::kTask) {
     MOQE_CHECK(router_.hidden() == hidden_, "MoELayer: the router's hidden size {} is not {}",
                router_.hidden(), hidden_);
   }
+  auto check_mlp = [&](const ExpertMLP& m, const std::string& what) {
+    MOQE_CHECK(m.hidden() == hidden_, "MoELayer: {} has hidden size {}, expert 0 has {}", what,
+               m.hidden(), hidden_);
+    max_dense_intermediate_ = std::max(max_dense_intermediate_, m.intermediate());
+  };
   for (size_t s = 0; s < shared_.size(); ++s) {
     MOQE_CHECK(shared_[s].mlp != nullptr, "MoELayer: shared expert {} is missing", s);
     check_mlp(*shared_[s].mlp, fmt::format("shared expert {}", s));
@@ -57,7 +51,7 @@ LayerStats MoELayer::stats() const {
     s.parameters += m.parameters();
     s.weight_bytes += m.weight_bytes();
   };
-  for (const auto& e : experts_) add(*e);
+  for (const auto& e : experts_.experts()) add(*e);
   for (const auto& sh : shared_) {
     add(*sh.mlp);
     s.parameters += static_cast<int64_t>(sh.gate.size());
@@ -88,18 +82,14 @@ MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
   ws.routing.reset(max_tokens, slots, e);
   ws.routing.scratch.resize(static_cast<size_t>(max_tokens * e));
   ws.plan.reserve(max_tokens, slots, e);
-  ws.active_tokens.reserve(static_cast<size_t>(max_tokens));
   ws.xe.resize(static_cast<size_t>(max_rows * hidden_));
   ws.ye.resize(ws.xe.size());
-  // An expert sees each token at most once: T rows of scratch suffice for any MLP.
-  ws.scratch.resize(static_cast<size_t>(max_tokens * 2 * max_intermediate_));
-  if (!shared_.empty() || residual_) ws.extra.resize(static_cast<size_t>(2 * max_tokens * hidden_));
-  if (grouped_) {
-    ws.h.resize(static_cast<size_t>(max_rows * 2 * max_intermediate_));
-    ws.first_scratch.resize(static_cast<size_t>(e));
-    ws.down_scratch.resize(static_cast<size_t>(e));
-    // At most one task per 16 rows of each projection, per expert.
-    ws.tasks.reserve(static_cast<size_t>(e * (std::max(hidden_, max_intermediate_) / 16 + 2)));
+  // An expert sees each token at most once.
+  ws.experts = experts_.make_workspace(max_rows, max_tokens);
+  if (!shared_.empty() || residual_) {
+    ws.active_tokens.reserve(static_cast<size_t>(max_tokens));
+    ws.scratch.resize(static_cast<size_t>(max_tokens * 2 * max_dense_intermediate_));
+    ws.extra.resize(static_cast<size_t>(2 * max_tokens * hidden_));
   }
   return ws;
 }
@@ -120,38 +110,40 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
              "MoELayer: {} routed rows exceed the workspace", rows);
   MatrixView<float> xe(ws.xe.data(), rows, h), ye(ws.ye.data(), rows, h);
   gather_rows(ws.plan, x, xe, threads);
-  if (grouped_) {
-    run_experts_grouped(xe, ye, ws, threads);
-  } else {
-    for (int64_t e = 0; e < num_experts(); ++e) {
-      const int64_t n = ws.plan.expert_rows(e), off = ws.plan.offset(e);
-      if (n == 0) continue;  // an expert with no tokens costs nothing
-      experts_[e]->forward(MatrixView<const float>(xe.block(off, 0, n, h)), ye.block(off, 0, n, h),
-                           ws.scratch.data(), threads);
-    }
-  }
+  experts_.run(ws.plan.offsets(), MatrixView<const float>(xe), ye, ws.experts, threads);
   combine_rows(ws.plan, ye, y, threads);
-  const Routing& r = ws.routing;
+  detail::finish_layer(x, y, ws.routing, shared_, residual_, o.active,
+                       {ws.max_tokens, &ws.scratch, &ws.extra, &ws.active_tokens}, threads);
+}
+
+namespace detail {
+
+void finish_layer(MatrixView<const float> x, MatrixView<float> y, const Routing& r,
+                  std::span<const SharedExpert> shared, const std::optional<ResidualMLP>& residual,
+                  std::span<const uint8_t> active, const LayerTailBuffers& buffers, int threads) {
+  const int64_t t_count = x.rows(), h = x.cols();
   for (int64_t t = 0; t < t_count; ++t) {
     if (!r.passthrough[t]) continue;
     const float w = r.weights[t * r.slots];
     for (int64_t c = 0; c < h; ++c) y(t, c) = w * x(t, c);
   }
-  if (shared_.empty() && !residual_) return;
+  if (shared.empty() && !residual) return;
 
   // Shared experts and the residual MLP run on the active tokens only, gathered.
-  std::vector<int32_t>& idx = ws.active_tokens;  // capacity reserved: no allocation
+  std::vector<int32_t>& idx = *buffers.active_tokens;  // capacity reserved: no allocation
   idx.clear();
   for (int64_t t = 0; t < t_count; ++t) {
-    if (o.active.empty() || o.active[t]) idx.push_back(static_cast<int32_t>(t));
+    if (active.empty() || active[t]) idx.push_back(static_cast<int32_t>(t));
   }
   const auto n = static_cast<int64_t>(idx.size());
-  MatrixView<float> xa(ws.extra.data(), n, h), out(ws.extra.data() + ws.max_tokens * h, n, h);
+  float* extra = buffers.extra->data();
+  float* scratch = buffers.scratch->data();
+  MatrixView<float> xa(extra, n, h), out(extra + buffers.max_tokens * h, n, h);
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(xa.row(i), x.row(idx[i]), sizeof(float) * static_cast<size_t>(h));
   }
-  for (const SharedExpert& s : shared_) {
-    s.mlp->forward(MatrixView<const float>(xa), out, ws.scratch.data(), threads);
+  for (const SharedExpert& s : shared) {
+    s.mlp->forward(MatrixView<const float>(xa), out, scratch, threads);
     for (int64_t i = 0; i < n; ++i) {
       const float g =
           s.gate.empty() ? 1.0f : 1.0f / (1.0f + std::exp(-dot_f32(s.gate.data(), xa.row(i), h)));
@@ -160,9 +152,9 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
       for (int64_t c = 0; c < h; ++c) dst[c] += g * src[c];
     }
   }
-  if (residual_) {
-    residual_->mlp->forward(MatrixView<const float>(xa), out, ws.scratch.data(), threads);
-    const float* wc = residual_->coefficient.data();
+  if (residual) {
+    residual->mlp->forward(MatrixView<const float>(xa), out, scratch, threads);
+    const float* wc = residual->coefficient.data();
     for (int64_t i = 0; i < n; ++i) {
       const float l0 = dot_f32(wc, xa.row(i), h), l1 = dot_f32(wc + h, xa.row(i), h);
       const float m = std::max(l0, l1), e0 = std::exp(l0 - m), e1 = std::exp(l1 - m);
@@ -174,77 +166,7 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
   }
 }
 
-// One pass over all experts per projection: the (expert, row range) tasks of every expert with
-// tokens go to the threads together, so two cores stay busy even when a single token routes to
-// two experts, and the GLU activation runs in the same task that produced its gate and up rows
-// (while they are in cache).
-void MoELayer::run_experts_grouped(MatrixView<const float> xe, MatrixView<float> ye,
-                                   MoeWorkspace& ws, int num_threads) const {
-  const int64_t h = hidden_, e_count = num_experts();
-  const int threads = num_threads > 0 ? num_threads : default_num_threads();
-  auto make_tasks = [&](auto rows_of) {  // ~4 tasks per thread over all work, >= 16 rows each
-    int64_t total = 0;
-    for (int64_t e = 0; e < e_count; ++e) {
-      if (ws.plan.expert_rows(e) > 0) total += rows_of(e);
-    }
-    const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));
-    ws.tasks.clear();
-    for (int64_t e = 0; e < e_count; ++e) {
-      if (ws.plan.expert_rows(e) == 0) continue;
-      for (int64_t r0 = 0; r0 < rows_of(e); r0 += chunk) {
-        ws.tasks.push_back({static_cast<int32_t>(e), r0, std::min(rows_of(e), r0 + chunk)});
-      }
-    }
-  };
-  auto h_view = [&](int64_t e) {  // expert e's rows of h: [n, 2I] (I = the expert's intermediate)
-    const int64_t i = experts_[e]->intermediate();
-    return MatrixView<float>(ws.h.data() + ws.plan.offset(e) * 2 * max_intermediate_,
-                             ws.plan.expert_rows(e), 2 * i, 2 * max_intermediate_);
-  };
-  auto x_view = [&](int64_t e) {
-    return MatrixView<const float>(xe.block(ws.plan.offset(e), 0, ws.plan.expert_rows(e), h));
-  };
-  // Stage 1: gate and up (or up) rows, then the activation, per intermediate range.
-  for (int64_t e = 0; e < e_count; ++e) {
-    if (ws.plan.expert_rows(e) > 0) experts_[e]->first().prepare(x_view(e), ws.first_scratch[e]);
-  }
-  make_tasks([&](int64_t e) { return experts_[e]->intermediate(); });
-  parallel_for(static_cast<int64_t>(ws.tasks.size()), threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const MoeWorkspace::Task& task = ws.tasks[t];
-      const ExpertMLP& m = *experts_[task.expert];
-      const MatrixView<float> hv = h_view(task.expert);
-      const MatrixView<float> out =
-          m.kind() == MlpKind::kGlu ? hv : hv.block(0, 0, hv.rows(), m.intermediate());
-      m.first().forward_rows(x_view(task.expert), ws.first_scratch[task.expert], out, task.r0,
-                             task.r1);
-      if (m.kind() == MlpKind::kGlu) {
-        const int64_t i = m.intermediate();
-        m.first().forward_rows(x_view(task.expert), ws.first_scratch[task.expert], out, i + task.r0,
-                               i + task.r1);
-      }
-      m.activate_columns(hv, task.r0, task.r1);
-    }
-  });
-  // Stage 2: the down projection of every expert.
-  auto a_view = [&](int64_t e) {
-    const MatrixView<float> hv = h_view(e);
-    return MatrixView<const float>(hv.block(0, 0, hv.rows(), experts_[e]->intermediate()));
-  };
-  for (int64_t e = 0; e < e_count; ++e) {
-    if (ws.plan.expert_rows(e) > 0) experts_[e]->down().prepare(a_view(e), ws.down_scratch[e]);
-  }
-  make_tasks([&](int64_t) { return h; });
-  parallel_for(static_cast<int64_t>(ws.tasks.size()), threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const MoeWorkspace::Task& task = ws.tasks[t];
-      const int64_t e = task.expert;
-      experts_[e]->down().forward_rows(a_view(e), ws.down_scratch[e],
-                                       ye.block(ws.plan.offset(e), 0, ws.plan.expert_rows(e), h),
-                                       task.r0, task.r1);
-    }
-  });
-}
+}  // namespace detail
 
 MoELayer MoELayer::extract_task(int32_t task_id) const {
   const RouterConfig& c = router_.config();
@@ -260,7 +182,7 @@ MoELayer MoELayer::extract_task(int32_t task_id) const {
   sub.top_k = sub.num_experts;
   TaskRoute local;
   for (size_t j = 0; j < route.experts.size(); ++j) {
-    experts.push_back(experts_[route.experts[j]]);
+    experts.push_back(experts_.experts()[route.experts[j]]);
     local.experts.push_back(static_cast<int32_t>(j));
     local.weights.push_back(route.weights[j]);
   }

@@ -19,6 +19,9 @@ class DispatchPlan {
   void reserve(int64_t max_tokens, int64_t slots, int64_t num_experts);
   // Groups the kept slots of `routing` by expert.
   void build(const Routing& routing);
+  // Groups them by bucket[expert] instead (a permutation of 0..E-1): offsets and expert_rows are
+  // then indexed by bucket. The expert-parallel layer orders experts rank by rank this way.
+  void build(const Routing& routing, std::span<const int32_t> bucket);
 
   int64_t tokens() const { return tokens_; }
   int64_t slots() const { return slots_; }

@@ -12,6 +12,7 @@
 
 #include "moqe/moe/dispatch.hpp"
 #include "moqe/moe/expert.hpp"
+#include "moqe/moe/expert_group.hpp"
 #include "moqe/moe/router.hpp"
 
 namespace moqe {
@@ -41,17 +42,10 @@ struct MoeWorkspace {
   int64_t max_tokens = 0;
   Routing routing;  // the routing of the last run (ids, weights, load statistics)
   DispatchPlan plan;
-  std::vector<float> xe, ye, scratch, extra;
+  std::vector<float> xe, ye;          // routed rows in expert order
+  std::vector<float> scratch, extra;  // shared experts and the residual MLP
   std::vector<int32_t> active_tokens;
-  // The grouped expert pass: activations per expert (h, rows x 2I_max), the per-input scratch
-  // of each expert's two projections, and the list of (expert, row range) tasks.
-  std::vector<float> h;
-  std::vector<LinearScratch> first_scratch, down_scratch;
-  struct Task {
-    int32_t expert;
-    int64_t r0, r1;
-  };
-  std::vector<Task> tasks;
+  ExpertGroupWorkspace experts;
 };
 
 struct MoeRunOptions {
@@ -73,9 +67,12 @@ class MoELayer {
 
   const Router& router() const { return router_; }
   int64_t hidden() const { return hidden_; }
-  int64_t num_experts() const { return static_cast<int64_t>(experts_.size()); }
-  const ExpertMLP& expert(int64_t e) const { return *experts_[e]; }
-  const std::vector<std::shared_ptr<const ExpertMLP>>& experts() const { return experts_; }
+  int64_t num_experts() const { return experts_.size(); }
+  const ExpertMLP& expert(int64_t e) const { return experts_.expert(e); }
+  const std::vector<std::shared_ptr<const ExpertMLP>>& experts() const {
+    return experts_.experts();
+  }
+  const ExpertGroup& expert_group() const { return experts_; }
   const std::vector<SharedExpert>& shared_experts() const { return shared_; }
   const std::optional<ResidualMLP>& residual() const { return residual_; }
   LayerStats stats() const;
@@ -92,14 +89,11 @@ class MoELayer {
 
  private:
   Router router_;
-  std::vector<std::shared_ptr<const ExpertMLP>> experts_;
+  ExpertGroup experts_;
   std::vector<SharedExpert> shared_;
   std::optional<ResidualMLP> residual_;
   int64_t hidden_ = 0;
-  int64_t max_intermediate_ = 0;
-  bool grouped_ = false;  // every expert's first projection is one matrix
-  void run_experts_grouped(MatrixView<const float> xe, MatrixView<float> ye, MoeWorkspace& ws,
-                           int num_threads) const;
+  int64_t max_dense_intermediate_ = 0;  // of the shared experts and the residual MLP
 };
 
 }  // namespace moqe
