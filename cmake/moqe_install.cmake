@@ -14,6 +14,12 @@ if(TARGET moqe_cuda)
     LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
   install(EXPORT moqeCudaTargets NAMESPACE moqe:: DESTINATION ${MOQE_CMAKE_DIR})
 endif()
+if(TARGET moqe_mpi)
+  install(TARGETS moqe_mpi EXPORT moqeMpiTargets
+    ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+  install(EXPORT moqeMpiTargets NAMESPACE moqe:: DESTINATION ${MOQE_CMAKE_DIR})
+endif()
 if(TARGET moqe_cli)
   install(TARGETS moqe_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 endif()

@@ -261,6 +261,13 @@ MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
 
 MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
                         const LoadOptions& options) {
+  MoeLayerParts parts = load_moe_parts(ckpt, prefix, c, options);
+  return MoELayer(std::move(parts.router), std::move(parts.experts), std::move(parts.shared));
+}
+
+MoeLayerParts load_moe_parts(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
+                             const LoadOptions& options,
+                             std::optional<std::span<const int64_t>> which) {
   const std::string where = ckpt.path().string();
   const int64_t e_count = c.num_experts;
   const bool is_switch = c.family == Family::kSwitch;
@@ -310,6 +317,16 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
       break;
   }
   Router router(std::move(rc), load_weight_f32(ckpt, gate_name, options.num_threads).values, h);
+  std::vector<int64_t> selected;
+  if (which) {
+    for (const int64_t e : *which) {
+      MOQE_CHECK(e >= 0 && e < e_count, "{}: expert {} requested of the {} experts of '{}'", where,
+                 e, e_count, prefix);
+      selected.push_back(e);
+    }
+  } else {
+    for (int64_t e = 0; e < e_count; ++e) selected.push_back(e);
+  }
 
   // Experts: per-expert tensors, or the fused 3-D layout.
   std::vector<std::shared_ptr<const ExpertMLP>> experts;
@@ -329,13 +346,13 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
     MOQE_CHECK(dn.shape == std::vector<int64_t>({e_count, h, i}),
                "{}: tensor '{}' has shape {}, expected [{}, {}, {}]", where, fused_down,
                shape_to_string(dn.shape), e_count, h, i);
-    for (int64_t e = 0; e < e_count; ++e) {
+    for (const int64_t e : selected) {
       experts.push_back(std::make_shared<const ExpertMLP>(ExpertMLP::glu(
           slice_fused(ckpt, fused_gu, e, 0, i), slice_fused(ckpt, fused_gu, e, i, i),
           slice_fused(ckpt, fused_down, e, 0, h), c.activation, options.fuse_gate_up)));
     }
   } else {
-    for (int64_t e = 0; e < e_count; ++e) {
+    for (const int64_t e : selected) {
       if (is_switch) {
         const std::string base = join(prefix, "experts.expert_" + std::to_string(e));
         const bool gated = has_weight(ckpt, base + ".wi_0.weight");
@@ -402,7 +419,7 @@ MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const M
                c.n_shared_experts, base + ".gate_proj.weight");
     if (has) shared.push_back({load_shared(base), {}});
   }
-  return MoELayer(std::move(router), std::move(experts), std::move(shared));
+  return {std::move(router), std::move(experts), std::move(shared), h};
 }
 
 }  // namespace moqe

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -65,6 +66,19 @@ struct LoadOptions {
 // its expert only.
 MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& config,
                         const LoadOptions& options = {});
+
+// The parts of that layer, with only the routed experts listed in `experts` (all when absent), in
+// that order: the expert-parallel loader reads one rank's experts this way and never touches the
+// others' tensors.
+struct MoeLayerParts {
+  Router router;
+  std::vector<std::shared_ptr<const ExpertMLP>> experts;
+  std::vector<SharedExpert> shared;
+  int64_t hidden = 0;
+};
+MoeLayerParts load_moe_parts(const Checkpoint& ckpt, std::string_view prefix,
+                             const MoeConfig& config, const LoadOptions& options = {},
+                             std::optional<std::span<const int64_t>> experts = std::nullopt);
 
 // The config.json beside a checkpoint file or inside a checkpoint directory.
 std::filesystem::path default_config_path(const std::filesystem::path& weights);

@@ -1,0 +1,18 @@
+# The optional MPI component (moqe::mpi), found with CMake's FindMPI.
+set(MOQE_WITH_MPI AUTO CACHE STRING "Build the MPI component moqe::mpi: AUTO (when MPI is found), ON, OFF")
+set_property(CACHE MOQE_WITH_MPI PROPERTY STRINGS AUTO ON OFF)
+set(MOQE_ENABLE_MPI OFF)
+# The C API from C++: no need for the long-deprecated C++ bindings (libmpi_cxx).
+set(MPI_CXX_SKIP_MPICXX ON CACHE BOOL "")
+if(MOQE_WITH_MPI STREQUAL "ON")
+  find_package(MPI REQUIRED COMPONENTS CXX)
+  set(MOQE_ENABLE_MPI ON)
+elseif(MOQE_WITH_MPI STREQUAL "AUTO")
+  find_package(MPI QUIET COMPONENTS CXX)
+  if(MPI_CXX_FOUND)
+    set(MOQE_ENABLE_MPI ON)
+  endif()
+elseif(NOT MOQE_WITH_MPI STREQUAL "OFF")
+  message(FATAL_ERROR "MOQE_WITH_MPI must be AUTO, ON or OFF, not '${MOQE_WITH_MPI}'")
+endif()
+message(STATUS "moqe: MPI component (moqe::mpi): ${MOQE_ENABLE_MPI}")
