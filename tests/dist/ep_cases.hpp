@@ -16,6 +16,7 @@
 #include "moqe/dist/expert_parallel.hpp"
 #include "moqe/io/checkpoint.hpp"
 #include "moqe/io/convert.hpp"
+#include "moqe/io/safetensors.hpp"
 #include "moqe/io/synthetic.hpp"
 #include "test_util.hpp"
 
@@ -178,8 +179,30 @@ inline void ep_check_step(const MoELayer& full, ExpertParallelMoELayer& ep, int 
   CHECK(load[static_cast<size_t>(rank)].tokens == t);
 }
 
-// The expert-parallel layer, loaded rank by rank from the checkpoint, equals the single-process
-// layer for every family and placement.
+// A copy of `ckpt` (one file, metadata kept) without the tensors of the routed experts this rank
+// does not hold: loading the rank's layer from it proves that no other expert is ever read.
+inline void ep_write_rank_only(const Checkpoint& ckpt, const std::filesystem::path& out,
+                               const ExpertPlacement& placement, int rank) {
+  SafetensorsWriter w;
+  for (const auto& [k, v] : ckpt.metadata()) w.set_metadata(k, v);
+  for (const std::string& name : ckpt.tensor_names()) {
+    bool foreign = false;
+    for (int64_t e = 0; e < placement.num_experts(); ++e) {
+      if (placement.owner(e) == rank) continue;
+      const std::string id = std::to_string(e);
+      foreign = foreign || name.find(".experts." + id + ".") != std::string::npos ||
+                name.find(".experts.expert_" + id + ".") != std::string::npos;
+    }
+    if (foreign) continue;
+    const TensorInfo& t = ckpt.info(name);
+    w.add_view(name, t.dtype, t.shape, ckpt.bytes(name));
+  }
+  w.write(out);
+}
+
+// The expert-parallel layer, loaded rank by rank from a copy of the checkpoint holding only the
+// rank's experts (fused layouts: from the whole file, whose other experts' bytes are skipped),
+// equals the single-process layer for every family and placement.
 inline void ep_check_families(const std::shared_ptr<Communicator>& comm, EpMatch match) {
   for (const EpFamilyCase& c : ep_family_cases()) {
     TempDir dir;  // per process: every rank writes the same checkpoint (same seed)
