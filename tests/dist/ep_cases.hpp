@@ -145,7 +145,8 @@ inline void ep_check_step(const MoELayer& full, ExpertParallelMoELayer& ep, int 
   ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y_ep.data(), t, h), ws, o);
   INFO(what << " rank " << rank << " step " << step << " tokens " << t);
   if (match == EpMatch::kBits) {
-    CHECK(std::memcmp(y_full.data(), y_ep.data(), y_full.size() * sizeof(float)) == 0);
+    CHECK((y_full.empty() ||
+           std::memcmp(y_full.data(), y_ep.data(), y_full.size() * sizeof(float)) == 0));
   } else {
     CHECK(ep_rel_diff(y_ep, y_full) < 1e-5);
   }
