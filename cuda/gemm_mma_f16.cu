@@ -1,0 +1,4 @@
+// Instantiation unit: the mma GEMM kernels for fp16 activations.
+#include "gemm_mma.cuh"
+
+MOQE_GEMM_MMA_CONFIGS(MOQE_INSTANTIATE_GEMM_MMA, 0)
