@@ -1,0 +1,292 @@
+// The device MoE layer: loading (quantized experts stacked per projection, gate and up fused by
+// rows), workspace planning, and run() as a fixed sequence of launches on one stream.
+#include <algorithm>
+#include <string>
+
+#include "check.cuh"
+#include "moe_kernels.cuh"
+#include "moqe/cuda/moe.hpp"
+#include "moqe/io/quantized_format.hpp"
+
+namespace moqe::cuda {
+namespace {
+
+std::string join(std::string_view prefix, std::string_view name) {
+  return prefix.empty() ? std::string(name) : std::string(prefix) + "." + std::string(name);
+}
+
+QuantizedMatrix load_required(const Checkpoint& ckpt, const std::string& name, int64_t rows,
+                              int64_t cols) {
+  const std::string where = ckpt.path().string();
+  if (!is_quantized(ckpt, name)) {
+    MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}'", where, name);
+    MOQE_FAIL(
+        "{}: tensor '{}' is {}, not moqe-quantized: the CUDA layer runs quantized experts only "
+        "(quantize it with `moqe quantize`, or run the layer on the CPU)",
+        where, name, ckpt.info(name).describe());
+  }
+  QuantizedMatrix q = load_quantized(ckpt, name);
+  MOQE_CHECK(rows < 0 || (q.rows() == rows && q.cols() == cols),
+             "{}: tensor '{}' has shape [{}, {}], expected [{}, {}]", where, name, q.rows(),
+             q.cols(), rows, cols);
+  return q;
+}
+
+// [a; b] by rows: valid because groups never cross rows.
+QuantizedMatrix concat_rows(const QuantizedMatrix& a, const QuantizedMatrix& b,
+                            const std::string& name) {
+  MOQE_CHECK(a.cols() == b.cols() && a.scheme().bits == b.scheme().bits &&
+                 a.scheme().mode == b.scheme().mode && a.group_size() == b.group_size() &&
+                 a.scheme().scale_type == b.scheme().scale_type,
+             "{}: gate and up projections must share shape and scheme to run fused on the device",
+             name);
+  std::vector<uint8_t> qw(a.qweight().begin(), a.qweight().end());
+  qw.insert(qw.end(), b.qweight().begin(), b.qweight().end());
+  std::vector<float> sc(a.scales().begin(), a.scales().end());
+  sc.insert(sc.end(), b.scales().begin(), b.scales().end());
+  std::vector<uint8_t> zs(a.zeros().begin(), a.zeros().end());
+  zs.insert(zs.end(), b.zeros().begin(), b.zeros().end());
+  return QuantizedMatrix::from_parts(a.rows() + b.rows(), a.cols(), a.scheme(), std::move(qw),
+                                     std::move(sc), std::move(zs), name);
+}
+
+struct MlpNames {
+  std::string gate, up, down;  // gate empty: an mlp (up, down)
+};
+
+DeviceExperts build_experts(const Checkpoint& ckpt, const std::vector<MlpNames>& names,
+                            int64_t hidden, Activation act, GemmPath path) {
+  std::vector<QuantizedMatrix> gate, up, down;
+  const bool glu = !names.front().gate.empty();
+  int64_t inter = 0;
+  for (const MlpNames& n : names) {
+    MOQE_CHECK(n.gate.empty() != glu, "{}: experts mix gated and ungated MLPs ('{}')",
+               ckpt.path().string(), n.up);
+    up.push_back(load_required(ckpt, n.up, -1, -1));
+    const QuantizedMatrix& u = up.back();
+    if (inter == 0) inter = u.rows();
+    MOQE_CHECK(u.cols() == hidden && u.rows() == inter,
+               "{}: tensor '{}' has shape [{}, {}], expected [{}, {}] (every expert on the device "
+               "has expert 0's shape)",
+               ckpt.path().string(), n.up, u.rows(), u.cols(), inter, hidden);
+    if (glu) gate.push_back(load_required(ckpt, n.gate, inter, hidden));
+    down.push_back(load_required(ckpt, n.down, hidden, inter));
+  }
+  return make_device_experts(gate, up, down, act, path);
+}
+
+template <class TIn>
+void run_mlp_rows(const DeviceExperts& m, const TIn* x, int64_t max_rows, const int64_t* offsets,
+                  float* h, TIn* a, float* y, Stream stream) {
+  // offsets null: one expert over max_rows rows (a shared expert).
+  const int64_t hid = m.hidden, inter = m.intermediate;
+  const int64_t first_cols = m.kind == MlpKind::kGlu ? 2 * inter : inter;
+  const MatrixView<const TIn> xv(x, max_rows, hid);
+  const MatrixView<float> hv(h, max_rows, first_cols);
+  if (offsets != nullptr) {
+    gemm_grouped<TIn, float>(xv, m.first, offsets, hv, stream);
+  } else {
+    gemm<TIn, float>(xv, m.first, hv, stream);
+  }
+  detail::launch_activation<TIn>(h, first_cols, inter, m.kind, m.activation,
+                                 offsets != nullptr ? offsets + m.first.num_experts() : nullptr,
+                                 max_rows, a, stream);
+  const MatrixView<const TIn> av(a, max_rows, inter);
+  const MatrixView<float> yv(y, max_rows, hid);
+  if (offsets != nullptr) {
+    gemm_grouped<TIn, float>(av, m.down, offsets, yv, stream);
+  } else {
+    gemm<TIn, float>(av, m.down, yv, stream);
+  }
+}
+
+template <class TIn>
+void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
+               const std::vector<MoELayer::Shared>& shared, const float* x, float* y,
+               int64_t tokens, MoELayer::Workspace& ws, const MoELayer::RunOptions& o,
+               int64_t hidden, Stream stream) {
+  DeviceRouteOptions ro;
+  ro.active = o.active;
+  ro.sequence_lengths = o.sequence_lengths;
+  router.route(x, tokens, hidden, ws.routing, ro, stream);
+  build_dispatch(ws.routing, ws.dispatch, stream);
+  const int64_t slots = ws.routing.slots, max_rows = tokens * slots;
+  const int64_t e = router.num_experts();
+  const int64_t* offsets = ws.dispatch.offsets.as<int64_t>();
+  if (max_rows > 0) {
+    detail::launch_gather<TIn>(x, hidden, ws.dispatch.row_slot.as<int32_t>(), slots, offsets + e,
+                               max_rows, ws.xe.as<TIn>(), stream);
+    run_mlp_rows<TIn>(experts, ws.xe.as<TIn>(), max_rows, offsets, ws.h.as<float>(), ws.a.as<TIn>(),
+                      ws.ye.as<float>(), stream);
+  }
+  detail::launch_combine(x, ws.ye.as<float>(), ws.dispatch.slot_row.as<int32_t>(),
+                         ws.routing.weights.as<float>(), ws.routing.passthrough.as<uint8_t>(),
+                         tokens, slots, hidden, y, stream);
+  if (shared.empty() || tokens == 0) return;
+  detail::launch_convert<TIn>(x, tokens * hidden, ws.xs.as<TIn>(), stream);
+  for (const MoELayer::Shared& s : shared) {
+    run_mlp_rows<TIn>(s.mlp, ws.xs.as<TIn>(), tokens, nullptr, ws.h.as<float>(), ws.a.as<TIn>(),
+                      ws.ys.as<float>(), stream);
+    detail::launch_add_shared(x, ws.ys.as<float>(),
+                              s.gate.size() > 0 ? s.gate.as<float>() : nullptr, o.active, tokens,
+                              hidden, y, stream);
+  }
+}
+
+}  // namespace
+
+DeviceExperts make_device_experts(std::span<const QuantizedMatrix> gate,
+                                  std::span<const QuantizedMatrix> up,
+                                  std::span<const QuantizedMatrix> down, Activation activation,
+                                  GemmPath path) {
+  MOQE_CHECK(!up.empty() && up.size() == down.size() && (gate.empty() || gate.size() == up.size()),
+             "cuda::make_device_experts: {} gate, {} up and {} down matrices", gate.size(),
+             up.size(), down.size());
+  DeviceExperts d;
+  d.kind = gate.empty() ? MlpKind::kMlp : MlpKind::kGlu;
+  d.activation = activation;
+  d.hidden = up[0].cols();
+  d.intermediate = up[0].rows();
+  std::vector<QuantizedMatrix> first;
+  for (size_t e = 0; e < up.size(); ++e) {
+    MOQE_CHECK(
+        up[e].rows() == d.intermediate && up[e].cols() == d.hidden && down[e].rows() == d.hidden &&
+            down[e].cols() == d.intermediate &&
+            (gate.empty() || (gate[e].rows() == d.intermediate && gate[e].cols() == d.hidden)),
+        "cuda::make_device_experts: expert {} does not have expert 0's shapes (up [{}, {}], "
+        "down [{}, {}])",
+        e, d.intermediate, d.hidden, d.hidden, d.intermediate);
+    first.push_back(gate.empty() ? up[e]
+                                 : concat_rows(gate[e], up[e], MOQE_FORMAT("expert {} gate", e)));
+  }
+  d.first = DeviceQuantizedMatrix::stack(first, path);
+  d.down = DeviceQuantizedMatrix::stack(down, path);
+  return d;
+}
+
+MoELayer::MoELayer(const Router& router, DeviceExperts experts, std::vector<Shared> shared,
+                   ActType act)
+    : router_(router),
+      experts_(std::move(experts)),
+      shared_(std::move(shared)),
+      hidden_(experts_.hidden),
+      max_intermediate_(experts_.intermediate),
+      act_(act) {
+  MOQE_CHECK(experts_.first.num_experts() == router.num_experts(),
+             "cuda::MoELayer: {} experts for a router over {}", experts_.first.num_experts(),
+             router.num_experts());
+  MOQE_CHECK(router.kind() == RouterKind::kTask || router.hidden() == hidden_,
+             "cuda::MoELayer: the router's hidden size {} is not the experts' {}", router.hidden(),
+             hidden_);
+  for (const Shared& s : shared_) {
+    MOQE_CHECK(s.mlp.hidden == hidden_,
+               "cuda::MoELayer: a shared expert has hidden size {}, not {}", s.mlp.hidden, hidden_);
+    max_intermediate_ = std::max(max_intermediate_, s.mlp.intermediate);
+  }
+}
+
+MoELayer MoELayer::load(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
+                        const DeviceLoadOptions& options) {
+  const std::string where = ckpt.path().string();
+  // The router (and the host shared experts, unused here) through the CPU loader, with no routed
+  // experts: the names, shapes and config checks stay in one place.
+  LoadOptions lo;
+  lo.switch_passthrough = options.switch_passthrough;
+  const std::vector<int64_t> none;
+  MoeLayerParts parts = load_moe_parts(ckpt, prefix, c, lo, std::span<const int64_t>(none));
+  const int64_t hidden = parts.hidden;
+  MOQE_CHECK(!ckpt.contains(join(prefix, "experts.gate_up_proj")),
+             "{}: fused expert tensors ('{}') are not supported by the CUDA layer yet; use "
+             "per-expert tensors",
+             where, join(prefix, "experts.gate_up_proj"));
+  std::vector<MlpNames> names;
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    if (c.family == Family::kSwitch) {
+      const std::string base = join(prefix, "experts.expert_" + std::to_string(e));
+      const bool gated =
+          is_quantized(ckpt, base + ".wi_0.weight") || ckpt.contains(base + ".wi_0.weight");
+      names.push_back({gated ? base + ".wi_0.weight" : "",
+                       base + (gated ? ".wi_1.weight" : ".wi.weight"), base + ".wo.weight"});
+    } else {
+      const std::string base = join(prefix, "experts." + std::to_string(e));
+      const bool mixtral = c.family == Family::kMixtral;
+      names.push_back({base + (mixtral ? ".w1.weight" : ".gate_proj.weight"),
+                       base + (mixtral ? ".w3.weight" : ".up_proj.weight"),
+                       base + (mixtral ? ".w2.weight" : ".down_proj.weight")});
+    }
+  }
+  DeviceExperts experts = build_experts(ckpt, names, hidden, c.activation, options.path);
+  std::vector<Shared> shared;
+  auto add_shared = [&](const std::string& base, const std::string& gate_name) {
+    Shared s;
+    s.mlp = build_experts(
+        ckpt, {{base + ".gate_proj.weight", base + ".up_proj.weight", base + ".down_proj.weight"}},
+        hidden, c.activation, options.path);
+    if (!gate_name.empty()) {
+      const std::vector<float> g = ckpt.to_float(gate_name);
+      MOQE_CHECK(static_cast<int64_t>(g.size()) == hidden,
+                 "{}: tensor '{}' holds {} values, expected {}", where, gate_name, g.size(),
+                 hidden);
+      s.gate = DeviceBuffer(g.size() * sizeof(float));
+      s.gate.upload(std::span<const float>(g));
+    }
+    shared.push_back(std::move(s));
+  };
+  if (!parts.shared.empty()) {
+    if (c.family == Family::kQwen2Moe) {
+      add_shared(join(prefix, "shared_expert"), join(prefix, "shared_expert_gate.weight"));
+    } else {
+      add_shared(join(prefix, "shared_experts"), "");
+    }
+  }
+  return MoELayer(parts.router, std::move(experts), std::move(shared), options.act_type);
+}
+
+int64_t MoELayer::device_bytes() const {
+  int64_t b = experts_.first.device_bytes() + experts_.down.device_bytes();
+  for (const Shared& s : shared_) {
+    b += s.mlp.first.device_bytes() + s.mlp.down.device_bytes() +
+         static_cast<int64_t>(s.gate.size());
+  }
+  return b + num_experts() * hidden_ * static_cast<int64_t>(sizeof(float));
+}
+
+MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
+  MOQE_CHECK(max_tokens >= 0, "cuda::MoELayer::make_workspace: negative max_tokens {}", max_tokens);
+  Workspace ws;
+  ws.max_tokens = max_tokens;
+  ws.routing = router_.make_routing(max_tokens);
+  const int64_t rows = max_tokens * ws.routing.slots;
+  ws.dispatch = make_dispatch(rows, num_experts());
+  const size_t act = 2;  // fp16 or bf16
+  const auto r = static_cast<size_t>(std::max<int64_t>(rows, 1));
+  const auto h = static_cast<size_t>(hidden_), i = static_cast<size_t>(max_intermediate_);
+  // h serves the routed rows and, for shared experts, the tokens (rows >= tokens).
+  ws.xe = DeviceBuffer(r * h * act);
+  ws.h = DeviceBuffer(r * 2 * i * sizeof(float));
+  ws.a = DeviceBuffer(r * i * act);
+  ws.ye = DeviceBuffer(r * h * sizeof(float));
+  if (!shared_.empty()) {
+    const auto t = static_cast<size_t>(std::max<int64_t>(max_tokens, 1));
+    ws.xs = DeviceBuffer(t * h * act);
+    ws.ys = DeviceBuffer(t * h * sizeof(float));
+  }
+  return ws;
+}
+
+void MoELayer::run(const float* x, float* y, int64_t tokens, Workspace& ws,
+                   const RunOptions& options, Stream stream) const {
+  MOQE_CHECK(tokens >= 0 && tokens <= ws.max_tokens,
+             "cuda::MoELayer: {} tokens for a workspace of {}", tokens, ws.max_tokens);
+  MOQE_CHECK(tokens == 0 || (x != nullptr && y != nullptr), "cuda::MoELayer: null x or y");
+  MOQE_CHECK(
+      ws.routing.slots == router_.slots_per_token() && ws.dispatch.num_experts == num_experts(),
+      "cuda::MoELayer: the workspace was made for another layer");
+  if (act_ == ActType::kF16) {
+    run_layer<Half>(router_, experts_, shared_, x, y, tokens, ws, options, hidden_, stream);
+  } else {
+    run_layer<BFloat16>(router_, experts_, shared_, x, y, tokens, ws, options, hidden_, stream);
+  }
+}
+
+}  // namespace moqe::cuda
