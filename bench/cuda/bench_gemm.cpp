@@ -4,6 +4,7 @@
 //     w4_channel, w8_channel (int sym, cuda::gemm). Shapes: Mixtral (14336x4096, 4096x14336) and
 //     DeepSeek-V2-Lite / Qwen-MoE experts (1408x2048, 2048x1408).
 //   BM_CudaMemcpy: device-to-device copy of 256 MiB, the bandwidth ceiling.
+//   BM_CudaMoeLayer/...: the whole MoE layer against a per-expert cuBLAS loop (bench_moe.cpp).
 // Weights are cold: each call reads the next of enough copies to pass twice the L2 cache (at least
 // 100 MB). Each timing sample is one pass over the copies between two events; the manual time is
 // the sample's time per call (Google Benchmark appends "/manual_time" to the names).
@@ -265,6 +266,8 @@ void register_all() {
 
 }  // namespace
 
+void register_moe_benchmarks();  // bench_moe.cpp
+
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (moqe::cuda::device_count() == 0) {
@@ -273,6 +276,7 @@ int main(int argc, char** argv) {
   }
   std::printf("moqe_bench_cuda on %s\n", moqe::cuda::device_name(0).c_str());
   register_all();
+  register_moe_benchmarks();
   benchmark::RunSpecifiedBenchmarks();
   copies_cache() = WeightCopies{};  // free the device copies while the runtime is up
   benchmark::Shutdown();

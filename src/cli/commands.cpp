@@ -16,6 +16,9 @@
 #include "moqe/io/convert.hpp"
 #include "moqe/io/quantized_format.hpp"
 #include "moqe/moe/loader.hpp"
+#ifdef MOQE_CLI_WITH_CUDA
+#include "moqe/cuda/moe.hpp"
+#endif
 #include "table.hpp"
 
 namespace moqe::cli {
@@ -300,35 +303,70 @@ void add_moe_forward(CLI::App& app, Action& action) {
                  supported_families());
       MOQE_CHECK(o->device == "cpu" || o->device == "cuda",
                  "unknown --device '{}'; use cpu or cuda", o->device);
+#ifndef MOQE_CLI_WITH_CUDA
       MOQE_CHECK(o->device == "cpu",
-                 "--device cuda: this build has no CUDA MoE layer yet; use --device cpu");
+                 "--device cuda: this moqe was built without its CUDA component; use --device cpu");
+#endif
       const std::filesystem::path config =
           o->config.empty() ? default_config_path(o->weights) : std::filesystem::path(o->config);
       const MoeConfig mc = read_moe_config(config, *family);
       const Checkpoint weights(o->weights);
-      const MoELayer layer = load_moe_layer(weights, o->prefix, mc,
-                                            {true, o->threads, o->switch_dropped == "passthrough"});
-
       const Checkpoint in(o->input);
-      MOQE_CHECK(in.contains("x"), "{}: no tensor 'x' (expected F32 [tokens, {}])", o->input,
-                 layer.hidden());
-      const TensorInfo& xi = in.info("x");
-      MOQE_CHECK(xi.dtype == DType::kF32 && xi.shape.size() == 2 && xi.shape[1] == layer.hidden(),
-                 "{}: tensor 'x' is {}, expected F32 [tokens, {}]", o->input, xi.describe(),
-                 layer.hidden());
-      const int64_t t = xi.shape[0], h = layer.hidden();
-      const std::vector<float> x = in.to_float("x");
-      std::vector<float> y(static_cast<size_t>(t * h));
-      MoELayer::Workspace ws = layer.make_workspace(t);
-      layer.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws,
-                {o->threads, {}, {}, 0, {}});
-      const Routing& r = ws.routing;
+      auto read_x = [&](int64_t hidden) {
+        MOQE_CHECK(in.contains("x"), "{}: no tensor 'x' (expected F32 [tokens, {}])", o->input,
+                   hidden);
+        const TensorInfo& xi = in.info("x");
+        MOQE_CHECK(xi.dtype == DType::kF32 && xi.shape.size() == 2 && xi.shape[1] == hidden,
+                   "{}: tensor 'x' is {}, expected F32 [tokens, {}]", o->input, xi.describe(),
+                   hidden);
+        return std::make_pair(xi.shape[0], in.to_float("x"));
+      };
+      std::vector<float> y;
+      Routing r;
+      int64_t t = 0, h = 0;
+      if (o->device == "cpu") {
+        const MoELayer layer = load_moe_layer(
+            weights, o->prefix, mc, {true, o->threads, o->switch_dropped == "passthrough"});
+        h = layer.hidden();
+        const auto [tokens, x] = read_x(h);
+        t = tokens;
+        y.resize(static_cast<size_t>(t * h));
+        MoELayer::Workspace ws = layer.make_workspace(t);
+        layer.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws,
+                  {o->threads, {}, {}, 0, {}});
+        r = ws.routing;
+      } else {
+#ifdef MOQE_CLI_WITH_CUDA
+        MOQE_CHECK(cuda::device_count() > 0, "--device cuda: no CUDA device is available");
+        cuda::DeviceLoadOptions dlo;
+        dlo.switch_passthrough = o->switch_dropped == "passthrough";
+        const cuda::MoELayer layer = [&] {
+          try {
+            return cuda::MoELayer::load(weights, o->prefix, mc, dlo);
+          } catch (const Error& e) {
+            MOQE_FAIL("--device cuda: {}", e.what());
+          }
+        }();
+        h = layer.hidden();
+        const auto [tokens, x] = read_x(h);
+        t = tokens;
+        y.resize(static_cast<size_t>(t * h));
+        cuda::MoELayer::Workspace ws = layer.make_workspace(t);
+        const size_t bytes = std::max<size_t>(y.size(), 1) * sizeof(float);
+        cuda::DeviceBuffer dx(bytes), dy(bytes);
+        if (t > 0) dx.upload(std::span<const float>(x));
+        layer.run(dx.as<float>(), dy.as<float>(), t, ws);
+        cuda::download(ws.routing, r);
+        if (t > 0) dy.download(std::span<float>(y));
+#endif
+      }
       SafetensorsWriter w;
       w.add_values<float>("y", DType::kF32, {t, h}, y);
       w.add_values<int32_t>("topk_ids", DType::kI32, {t, r.slots}, r.ids);
       w.add_values<float>("topk_weights", DType::kF32, {t, r.slots}, r.weights);
       w.set_metadata("moqe.family", o->family);
       w.set_metadata("moqe.prefix", o->prefix);
+      w.set_metadata("moqe.device", o->device);
       w.write(o->output);
       return 0;
     };
