@@ -108,6 +108,8 @@ void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
   DeviceRouteOptions ro;
   ro.active = o.active;
   ro.sequence_lengths = o.sequence_lengths;
+  ro.task_id = o.task_id;
+  ro.task_ids = o.task_ids;
   router.route(x, tokens, hidden, ws.routing, ro, stream);
   build_dispatch(ws.routing, ws.dispatch, stream);
   const int64_t slots = ws.routing.slots, max_rows = tokens * slots;
@@ -181,6 +183,9 @@ MoELayer::MoELayer(const Router& router, DeviceExperts experts, std::vector<Shar
   for (const Shared& s : shared_) {
     MOQE_CHECK(s.mlp.hidden == hidden_,
                "cuda::MoELayer: a shared expert has hidden size {}, not {}", s.mlp.hidden, hidden_);
+    MOQE_CHECK(s.gate.size() == 0 || s.gate.size() == static_cast<size_t>(hidden_) * sizeof(float),
+               "cuda::MoELayer: a shared expert's gate holds {} bytes, expected {} floats",
+               s.gate.size(), hidden_);
     max_intermediate_ = std::max(max_intermediate_, s.mlp.intermediate);
   }
 }

@@ -14,6 +14,28 @@
   } while (0)
 
 namespace moqe::cuda {
+namespace {
+
+// Ends an NCCL group on every path: a failed call inside it must not leave later calls of this
+// thread joined to a broken group.
+class NcclGroup {
+ public:
+  NcclGroup() { MOQE_NCCL_CHECK(ncclGroupStart()); }
+  ~NcclGroup() {
+    if (open_) ncclGroupEnd();
+  }
+  void end() {
+    open_ = false;
+    MOQE_NCCL_CHECK(ncclGroupEnd());
+  }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+
+ private:
+  bool open_ = true;
+};
+
+}  // namespace
 
 static_assert(sizeof(ncclUniqueId) == sizeof(NcclUniqueId), "ncclUniqueId is 128 bytes");
 
@@ -51,11 +73,13 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::single(int device) {
 }
 
 NcclCommunicator::~NcclCommunicator() {
+  cudaSetDevice(device_);
   if (comm_ != nullptr) ncclCommDestroy(comm_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 void NcclCommunicator::stage(size_t send_bytes, size_t recv_bytes) {
+  MOQE_CUDA_CHECK(cudaSetDevice(device_));  // the staging buffers live on this rank's device
   if (send_buf_.size() < send_bytes) send_buf_ = DeviceBuffer(send_bytes);
   if (recv_buf_.size() < recv_bytes) recv_buf_ = DeviceBuffer(recv_bytes);
 }
@@ -72,12 +96,12 @@ void NcclCommunicator::all_to_all(std::span<const int64_t> send, std::span<int64
   auto* r = recv_buf_.as<int64_t>();
   MOQE_CUDA_CHECK(
       cudaMemcpyAsync(s, send.data(), send.size_bytes(), cudaMemcpyHostToDevice, stream_));
-  MOQE_NCCL_CHECK(ncclGroupStart());
+  NcclGroup group;
   for (size_t q = 0; q < p; ++q) {
     MOQE_NCCL_CHECK(ncclSend(s + q * n, n, ncclInt64, static_cast<int>(q), comm_, stream_));
     MOQE_NCCL_CHECK(ncclRecv(r + q * n, n, ncclInt64, static_cast<int>(q), comm_, stream_));
   }
-  MOQE_NCCL_CHECK(ncclGroupEnd());
+  group.end();
   MOQE_CUDA_CHECK(
       cudaMemcpyAsync(recv.data(), r, recv.size_bytes(), cudaMemcpyDeviceToHost, stream_));
   MOQE_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -106,7 +130,7 @@ void NcclCommunicator::all_to_all_rows_device(const float* send, std::span<const
   MOQE_CUDA_CHECK(cudaSetDevice(device_));
   const auto w = static_cast<size_t>(row_floats);
   size_t s_at = 0, r_at = 0;
-  MOQE_NCCL_CHECK(ncclGroupStart());
+  NcclGroup group;
   for (int q = 0; q < size_; ++q) {
     const auto ns = static_cast<size_t>(send_rows[static_cast<size_t>(q)]) * w;
     const auto nr = static_cast<size_t>(recv_rows[static_cast<size_t>(q)]) * w;
@@ -115,7 +139,7 @@ void NcclCommunicator::all_to_all_rows_device(const float* send, std::span<const
     s_at += ns;
     r_at += nr;
   }
-  MOQE_NCCL_CHECK(ncclGroupEnd());
+  group.end();
 }
 
 void NcclCommunicator::all_to_all_rows(const float* send, std::span<const int64_t> send_rows,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 
 #include "../moe/layer_tail.hpp"
 #include "moqe/core/error.hpp"
@@ -213,36 +214,57 @@ ExpertParallelMoELayer::Workspace ExpertParallelMoELayer::make_workspace(int64_t
 void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
                                  const RunOptions& o) {
   const int64_t t_count = x.rows(), h = hidden_;
-  MOQE_CHECK(x.cols() == h && y.rows() == t_count && y.cols() == h,
-             "ExpertParallelMoELayer (hidden {}): input {} and output {} do not fit", h,
-             shape_string(x), shape_string(y));
-  MOQE_CHECK(t_count <= ws.max_tokens,
-             "ExpertParallelMoELayer: {} tokens exceed the workspace's {}", t_count, ws.max_tokens);
   const int threads = o.num_threads;
   const int p_count = comm_->size();
   const int64_t l_count = experts_.size(), lmax = placement_.max_local_experts();
+  MOQE_CHECK(static_cast<int64_t>(ws.send_counts.size()) == p_count * lmax &&
+                 static_cast<int64_t>(ws.recv_counts.size()) == p_count * lmax,
+             "ExpertParallelMoELayer: the workspace was made for another layer");
 
-  // Route this rank's tokens; group the kept rows by (destination rank, local expert there).
-  router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
-  ws.plan.build(ws.routing, bucket_);
-  const int64_t rows = ws.plan.rows();
-  MatrixView<float> xe(ws.xe.data(), rows, h), ye(ws.ye.data(), rows, h);
-  gather_rows(ws.plan, x, xe, threads);
+  // Everything that can fail on this rank alone happens before the first exchange, and a
+  // failure is announced through it (every count -1), so that every rank throws instead of
+  // the others waiting forever for this one.
+  std::exception_ptr local_error;
+  int64_t rows = 0;
+  try {
+    MOQE_CHECK(x.cols() == h && y.rows() == t_count && y.cols() == h,
+               "ExpertParallelMoELayer (hidden {}): input {} and output {} do not fit", h,
+               shape_string(x), shape_string(y));
+    MOQE_CHECK(t_count <= ws.max_tokens,
+               "ExpertParallelMoELayer: {} tokens exceed the workspace's {}", t_count,
+               ws.max_tokens);
+    // Route this rank's tokens; group the kept rows by (destination rank, local expert there).
+    router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
+    ws.plan.build(ws.routing, bucket_);
+    rows = ws.plan.rows();
+    gather_rows(ws.plan, x, MatrixView<float>(ws.xe.data(), rows, h), threads);
+    int64_t b = 0;
+    for (int p = 0; p < p_count; ++p) {
+      const auto n_local = static_cast<int64_t>(placement_.experts_of(p).size());
+      int64_t total = 0;
+      for (int64_t l = 0; l < lmax; ++l) {
+        const int64_t n = l < n_local ? ws.plan.expert_rows(b + l) : 0;
+        ws.send_counts[static_cast<size_t>(p * lmax + l)] = n;
+        total += n;
+      }
+      b += n_local;
+      ws.send_rows[static_cast<size_t>(p)] = total;
+    }
+  } catch (...) {
+    local_error = std::current_exception();
+    std::fill(ws.send_counts.begin(), ws.send_counts.end(), int64_t{-1});
+  }
+  MatrixView<float> ye(ws.ye.data(), rows, h);
 
   // Exchange the per-expert row counts, then the rows.
-  int64_t b = 0;
-  for (int p = 0; p < p_count; ++p) {
-    const auto n_local = static_cast<int64_t>(placement_.experts_of(p).size());
-    int64_t total = 0;
-    for (int64_t l = 0; l < lmax; ++l) {
-      const int64_t n = l < n_local ? ws.plan.expert_rows(b + l) : 0;
-      ws.send_counts[static_cast<size_t>(p * lmax + l)] = n;
-      total += n;
-    }
-    b += n_local;
-    ws.send_rows[static_cast<size_t>(p)] = total;
-  }
   comm_->all_to_all(ws.send_counts, ws.recv_counts);
+  if (local_error) std::rethrow_exception(local_error);
+  for (int p = 0; p < p_count; ++p) {
+    MOQE_CHECK(ws.recv_counts[static_cast<size_t>(p * lmax)] != -1,
+               "ExpertParallelMoELayer: rank {} failed in this step before the exchange (its "
+               "own error says why); no rows were exchanged",
+               p);
+  }
   int64_t received = 0;
   ws.local_offsets.assign(static_cast<size_t>(l_count + 1), 0);
   for (int p = 0; p < p_count; ++p) {

@@ -7,9 +7,9 @@
 // combine are fp32 (their error is below 1e-6 relative). With random data the two roundings add
 // independent errors of relative size at most u each to the expert outputs, so a token's output
 // differs from the CPU's by at most about 2u (its relative L2 norm); the check allows 4u = 2^-9
-// for the shared expert's path and the routing weights' products. Routing is compared exactly:
-// logits differ only by fp32 summation order (~1e-6 relative), and a near-tie that close is
-// rare on random data (a failure there would name the token).
+// for the shared expert's path and the routing weights' products. bf16 (u = 2^-8) gets 2^-6.
+// Routing is compared exactly: logits differ only by fp32 summation order (~1e-6 relative), and a
+// near-tie that close is rare on random data (a failure there would name the token).
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -39,6 +39,8 @@ struct Case {
   std::string name;
   SyntheticMoeSpec spec;
   std::string include;  // quantize these tensors
+  cuda::ActType act = cuda::ActType::kF16;
+  bool default_groups = false;  // g128 where it divides K, else per channel (odd K: simple path)
 };
 
 std::vector<Case> cases() {
@@ -55,6 +57,18 @@ std::vector<Case> cases() {
   };
   std::vector<Case> out;
   out.push_back({"mixtral", base("mixtral"), ""});
+  out.push_back({"mixtral bf16", base("mixtral"), "", cuda::ActType::kBF16});
+  auto odd = base("olmoe");
+  odd.intermediate = 100;  // down has K = 100: per channel, the simple kernel
+  out.push_back({"olmoe odd intermediate", odd, "", cuda::ActType::kF16, true});
+  auto v2 = base("deepseek_v2");
+  v2.topk_method = "group_limited_greedy";
+  v2.n_group = 4;
+  v2.topk_group = 2;
+  v2.top_k = 3;
+  v2.routed_scaling_factor = 16.0f;
+  v2.shared_intermediate = 256;
+  out.push_back({"deepseek_v2 group-limited shared", v2, "experts?\\."});
   auto q2 = base("qwen2_moe");
   q2.shared_intermediate = 256;
   q2.top_k = 4;
@@ -96,7 +110,7 @@ TEST_CASE("cuda moe: the device layer matches the CPU layer on quantized checkpo
         ConvertOptions q;
         q.bits = bits;
         q.mode = bits == 4 ? QuantMode::kAsym : QuantMode::kSym;
-        q.group_policy = GroupPolicy::kFixed;
+        q.group_policy = c.default_groups ? GroupPolicy::kDefault : GroupPolicy::kFixed;
         q.group_size = bits == 4 ? 64 : 128;
         if (!c.include.empty()) q.include_regex = c.include;
         quantize_checkpoint(Checkpoint(dir.path()), dir / "q.safetensors", q);
@@ -105,7 +119,9 @@ TEST_CASE("cuda moe: the device layer matches the CPU layer on quantized checkpo
         const MoeConfig config = read_moe_config(dir / "config.json", family);
         const std::string prefix = synthetic_moe_prefix(c.spec);
         const MoELayer cpu = load_moe_layer(ckpt, prefix, config);
-        const cuda::MoELayer gpu = cuda::MoELayer::load(ckpt, prefix, config);
+        cuda::DeviceLoadOptions dlo;
+        dlo.act_type = c.act;
+        const cuda::MoELayer gpu = cuda::MoELayer::load(ckpt, prefix, config, dlo);
         const int64_t h = c.spec.hidden;
         auto ws = gpu.make_workspace(40);
         auto cws = cpu.make_workspace(40);
@@ -149,7 +165,7 @@ TEST_CASE("cuda moe: the device layer matches the CPU layer on quantized checkpo
               for (int64_t k = 0; k < h; ++k) REQUIRE(a[k] == 0.0f);
               continue;
             }
-            CHECK(rel_l2(a, b, h) < std::ldexp(1.0, -9));
+            CHECK(rel_l2(a, b, h) < std::ldexp(1.0, c.act == cuda::ActType::kF16 ? -9 : -6));
           }
         }
       }

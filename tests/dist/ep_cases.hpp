@@ -125,23 +125,27 @@ inline double ep_rel_diff(const std::vector<float>& a, const std::vector<float>&
 enum class EpMatch { kBits, kRounding };
 
 // Runs one step on both layers for this rank's tokens and compares the outputs; some tokens are
-// inactive. Collective: every rank calls it for the same step.
+// inactive; task routers get per-token task ids. Collective: every rank calls it for the same
+// step. Step 1 sizes each rank's workspace for its own tokens only, so a rank with few tokens
+// receives more rows than it planned for from ranks with more (the growth path).
 inline void ep_check_step(const MoELayer& full, ExpertParallelMoELayer& ep, int step,
-                          const std::string& what, EpMatch match, bool with_inactive = true) {
-  const int rank = ep.communicator().rank();
+                          const std::string& what, EpMatch match) {
+  Communicator& comm = ep.communicator();
+  const int rank = comm.rank(), ranks = comm.size();
   const int64_t t = ep_tokens(rank, step), h = full.hidden();
   const auto x = ep_random_x(t, h, static_cast<uint32_t>(1000 * step + rank + 1));
   std::vector<uint8_t> active(static_cast<size_t>(t), 1);
-  if (with_inactive) {
-    for (int64_t i = 2; i < t; i += 5) active[static_cast<size_t>(i)] = 0;
-  }
+  for (int64_t i = 2; i < t; i += 5) active[static_cast<size_t>(i)] = 0;
+  std::vector<int32_t> task_ids(static_cast<size_t>(t));
+  for (int64_t i = 0; i < t; ++i) task_ids[static_cast<size_t>(i)] = static_cast<int32_t>(i % 2);
   MoeRunOptions o;
   o.active = active;
+  if (full.router().kind() == RouterKind::kTask) o.task_ids = task_ids;
   std::vector<float> y_full(x.size(), -7.0f), y_ep(x.size(), 9.0f);
   auto ws_full = full.make_workspace(64);
   full.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y_full.data(), t, h), ws_full,
            o);
-  auto ws = ep.make_workspace(64);
+  auto ws = ep.make_workspace(step == 1 ? t : 64);
   ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y_ep.data(), t, h), ws, o);
   INFO(what << " rank " << rank << " step " << step << " tokens " << t);
   if (match == EpMatch::kBits) {
@@ -157,27 +161,34 @@ inline void ep_check_step(const MoELayer& full, ExpertParallelMoELayer& ep, int 
   CHECK(sent == ws_full.plan.rows());
   CHECK(ws.stats.routed_rows == ws_full.plan.rows());
   CHECK(ws.stats.tokens == t);
-  // The rows this rank's experts ran are the rows received.
-  int64_t ran = 0, received = 0;
-  for (const int64_t n : ws.stats.expert_rows) ran += n;
-  for (const int64_t n : ws.stats.rows_from) received += n;
-  CHECK(ran == received);
-  // Every rank's view agrees: total rows sent equals total rows computed.
-  const std::vector<RankLoad> load = ep.gather_stats(ws);
-  int64_t all_rows_computed = 0, all_bytes_sent = 0, all_bytes_received = 0;
-  for (const RankLoad& l : load) {
-    all_rows_computed += l.rows_computed;
-    all_bytes_sent += l.bytes_sent;
-    all_bytes_received += l.bytes_received;
+  // Rows sent to each rank, as every sender saw them: R[a][b] = rows a sent to b.
+  std::vector<int64_t> r_to(static_cast<size_t>(ranks * ranks)),
+      r_from(static_cast<size_t>(ranks * ranks));
+  comm.all_gather(ws.stats.rows_to, r_to);
+  comm.all_gather(ws.stats.rows_from, r_from);
+  auto to = [&](int a, int b) { return r_to[static_cast<size_t>(a * ranks + b)]; };
+  for (int a = 0; a < ranks; ++a) {
+    for (int b = 0; b < ranks; ++b) {
+      CHECK(to(a, b) == r_from[static_cast<size_t>(b * ranks + a)]);  // b received what a sent
+    }
   }
-  std::vector<int64_t> sent_all(static_cast<size_t>(ep.communicator().size()));
-  const int64_t mine[1] = {sent};
-  ep.communicator().all_gather(mine, sent_all);
-  int64_t total_sent = 0;
-  for (const int64_t n : sent_all) total_sent += n;
-  CHECK(all_rows_computed == total_sent);
-  CHECK(all_bytes_sent == all_bytes_received);
+  // The rows this rank's experts ran are the rows the other ranks say they sent here, and each
+  // expert ran the rows that the senders' routings gave it.
+  int64_t ran = 0, sent_here = 0;
+  for (const int64_t n : ws.stats.expert_rows) ran += n;
+  for (int a = 0; a < ranks; ++a) sent_here += to(a, rank);
+  CHECK(ran == sent_here);
+  const std::vector<RankLoad> load = ep.gather_stats(ws);
+  for (int a = 0; a < ranks; ++a) {
+    int64_t out_rows = 0;  // rows a sent to others plus results it returned to them
+    for (int b = 0; b < ranks; ++b) {
+      if (b != a) out_rows += to(a, b) + to(b, a);
+    }
+    CHECK(load[static_cast<size_t>(a)].bytes_sent == out_rows * h * 4);
+    CHECK(load[static_cast<size_t>(a)].bytes_received == out_rows * h * 4);
+  }
   CHECK(load[static_cast<size_t>(rank)].tokens == t);
+  CHECK(load[static_cast<size_t>(rank)].rows_computed == ran);
 }
 
 // A copy of `ckpt` (one file, metadata kept) without the tensors of the routed experts this rank
@@ -224,7 +235,21 @@ inline void ep_check_families(const std::shared_ptr<Communicator>& comm, EpMatch
     const std::string prefix = synthetic_moe_prefix(c.spec);
     const MoELayer full = load_moe_layer(ckpt, prefix, config);
     for (auto& [pname, placement] : ep_placements(c.spec.experts, comm->size())) {
-      ExpertParallelMoELayer ep = load_expert_parallel_layer(ckpt, prefix, config, comm, placement);
+      // Each rank loads from a copy holding only its own experts (fused layouts: from the whole
+      // file, where the other experts' bytes are never touched): the full loader fails on it.
+      TempDir own;
+      std::filesystem::path own_weights = weights;
+      if (!c.spec.fused_experts) {
+        own_weights = own / "model.safetensors";
+        ep_write_rank_only(ckpt, own_weights, placement, comm->rank());
+        if (placement.experts_of(comm->rank()).size() < static_cast<size_t>(c.spec.experts)) {
+          // "missing tensor", or for quantized weights "missing its qweight tensor"
+          CHECK_THROWS_WITH(load_moe_layer(Checkpoint(own_weights), prefix, config),
+                            Catch::Contains("missing") && Catch::Contains("tensor"));
+        }
+      }
+      ExpertParallelMoELayer ep =
+          load_expert_parallel_layer(Checkpoint(own_weights), prefix, config, comm, placement);
       CHECK(ep.local_experts().size() ==
             static_cast<int64_t>(placement.experts_of(comm->rank()).size()));
       for (int step = 0; step < 2; ++step) {
@@ -294,7 +319,7 @@ inline void ep_check_memory_layers(const std::shared_ptr<Communicator>& comm, Ep
     for (auto& [pname, placement] : ep_placements(full.num_experts(), comm->size())) {
       ExpertParallelMoELayer ep = ExpertParallelMoELayer::from_layer(full, comm, placement);
       for (int step = 0; step < 2; ++step) {
-        ep_check_step(full, ep, step, name + " " + pname, match, name != "task router");
+        ep_check_step(full, ep, step, name + " " + pname, match);
       }
     }
   }

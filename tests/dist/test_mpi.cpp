@@ -106,6 +106,52 @@ TEST_CASE("mpi: ranks that disagree on the placement all fail at construction", 
                     Catch::Contains("different placement or layer shape"));
 }
 
+TEST_CASE("mpi: an error on one rank before the exchange is an error on every rank", "[mpi]") {
+  auto comm = world();
+  const auto layers = test::ep_memory_layers();
+  const MoELayer& full = layers[1].second;
+  ExpertParallelMoELayer ep = ExpertParallelMoELayer::from_layer(
+      full, comm, ExpertPlacement::contiguous(full.num_experts(), comm->size()));
+  auto ws = ep.make_workspace(4);
+  const int64_t h = full.hidden();
+  const int64_t t = comm->rank() == comm->size() - 1 ? 5 : 3;  // the last rank overflows
+  std::vector<float> x(static_cast<size_t>(t * h), 0.5f), y(x.size());
+  if (comm->rank() == comm->size() - 1) {
+    CHECK_THROWS_WITH(
+        ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws),
+        Catch::Contains("5 tokens exceed the workspace's 4"));
+  } else {
+    CHECK_THROWS_WITH(
+        ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws),
+        Catch::Contains("rank " + std::to_string(comm->size() - 1) + " failed in this step"));
+  }
+  // The layer still works afterwards, on every rank.
+  std::vector<float> x3(static_cast<size_t>(3 * h), 0.25f), y3(x3.size());
+  ep.run(MatrixView<const float>(x3.data(), 3, h), MatrixView<float>(y3.data(), 3, h), ws);
+  CHECK(ws.stats.tokens == 3);
+}
+
+TEST_CASE("mpi: a rank that planned for fewer tokens receives more rows than planned", "[mpi]") {
+  auto comm = world();
+  const test::ScopedCpuIsa reference(CpuIsa::kReference);  // bit for bit
+  const auto layers = test::ep_memory_layers();
+  const MoELayer& full = layers[0].second;  // glu experts, grouped pass, residual
+  ExpertParallelMoELayer ep = ExpertParallelMoELayer::from_layer(
+      full, comm, ExpertPlacement::from_owners(std::vector<int32_t>(6, 0), comm->size()));
+  // Rank 0 holds every expert and plans for one token; the others send it 20 tokens each.
+  const int64_t t = comm->rank() == 0 ? 1 : 20, h = full.hidden();
+  auto ws = ep.make_workspace(t);
+  const size_t planned = ws.xr.size();
+  const auto x = test::ep_random_x(t, h, static_cast<uint32_t>(50 + comm->rank()));
+  std::vector<float> y(x.size()), y_full(x.size());
+  ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws);
+  auto ws_full = full.make_workspace(t);
+  full.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y_full.data(), t, h),
+           ws_full);
+  CHECK(std::memcmp(y.data(), y_full.data(), y.size() * sizeof(float)) == 0);
+  if (comm->rank() == 0 && comm->size() > 1) CHECK(ws.xr.size() > planned);  // it grew
+}
+
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   int rank = 0;

@@ -82,6 +82,8 @@ class MoELayer {
   struct RunOptions {
     const uint8_t* active = nullptr;            // device [T]; inactive tokens output 0
     std::span<const int64_t> sequence_lengths;  // host; switch capacity per sequence
+    int32_t task_id = 0;                        // task router: every token's task...
+    const int32_t* task_ids = nullptr;          // ...or one per token (device [T])
   };
 
   // A shared expert: its MLP, and Qwen2-MoE's sigmoid gate [H] (fp32; empty when ungated).
@@ -109,7 +111,8 @@ class MoELayer {
   int64_t device_bytes() const;
 
   Workspace make_workspace(int64_t max_tokens) const;
-  // y [T, H] = layer(x [T, H]); x and y are dense fp32 device arrays. T <= ws.max_tokens.
+  // y [T, H] = layer(x [T, H]); x and y are dense fp32 device arrays that must not alias.
+  // T <= ws.max_tokens.
   // ws.routing holds the routing afterwards (download() to read it).
   void run(const float* x, float* y, int64_t tokens, Workspace& ws, const RunOptions& options,
            Stream stream = nullptr) const;

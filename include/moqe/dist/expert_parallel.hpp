@@ -4,8 +4,14 @@
 // all-to-all-v, runs the experts it holds with the grouped expert pass, sends the results back
 // and combines them with its routing weights. Inactive and dropped tokens are never sent.
 //
-// For every router, a rank's output equals MoELayer::run on the same tokens (bit for bit: each
-// row meets the same kernels, and the combine sums the slots in the same order).
+// For every router, a rank's output equals MoELayer::run on the same tokens: bit for bit with the
+// reference kernels (and on one rank with any kernels); with the SIMD kernels, which tile rows by
+// four, a row's rounding depends on how many rows share its expert, so they agree to fp32
+// rounding, as two batch compositions do in one process.
+//
+// Failures: anything that can fail on one rank alone (shapes, workspace size, routing options)
+// is checked before the first exchange and announced through it, so every rank throws (the
+// failing one with its own message). x and y must not alias.
 #pragma once
 
 #include <cstdint>
@@ -112,10 +118,9 @@ class ExpertParallelMoELayer {
   // The weights this rank holds (local experts, router, shared experts, residual).
   LayerStats stats() const;
 
-  // Buffers for steps of up to max_tokens tokens on this rank. Rows received for the local
-  // experts are bounded by ranks x max_tokens x min(top-k, local experts): every rank must pass
-  // the same max_tokens or larger than any rank's T (checked during run: a step that would
-  // overflow a rank's buffers is an error on every rank, raised after the counts exchange).
+  // Buffers for steps of up to max_tokens tokens on this rank. The rows this rank receives are
+  // planned for ranks x max_tokens x min(top-k, local experts); when other ranks send more (their
+  // max_tokens is larger), the receive buffers grow once, in that step.
   Workspace make_workspace(int64_t max_tokens) const;
   // y [T, H] = layer(x [T, H]) for this rank's T tokens (T may be 0). Collective: every rank
   // calls run() for the same step. ws.stats describes the step afterwards.

@@ -78,7 +78,8 @@ class MoELayer {
   LayerStats stats() const;
 
   Workspace make_workspace(int64_t max_tokens) const;
-  // y [T, H] = layer(x [T, H]). T <= ws.max_tokens. ws.routing holds the routing afterwards.
+  // y [T, H] = layer(x [T, H]). T <= ws.max_tokens. ws.routing holds the routing afterwards. x
+  // and y must not alias (shared experts read x after the routed experts wrote y).
   void run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
            const RunOptions& options = {}) const;
 
