@@ -77,8 +77,7 @@ QuantizedMatrix quantize(MatrixView<const float> w, const QuantScheme& scheme,
       dw.upload(std::span<const float>(dense));
     }
     DeviceBuffer codes(static_cast<size_t>(rows * cols)), qw(qweight.size()),
-        sc(scales.size() * sizeof(float)), zs(zeros.size()),
-        bad(sizeof(unsigned long long));
+        sc(scales.size() * sizeof(float)), zs(zeros.size()), bad(sizeof(unsigned long long));
     const unsigned long long none = ULLONG_MAX;
     bad.upload(&none, sizeof none);
     constexpr int kThreads = 128;
@@ -97,7 +96,8 @@ QuantizedMatrix quantize(MatrixView<const float> w, const QuantScheme& scheme,
       const int64_t r = static_cast<int64_t>(first_bad) / groups;
       const int64_t j = static_cast<int64_t>(first_bad) % groups;
       float m_abs = 0;
-      for (int64_t c = j * group; c < (j + 1) * group; ++c) m_abs = std::max(m_abs, std::fabs(w(r, c)));
+      for (int64_t c = j * group; c < (j + 1) * group; ++c)
+        m_abs = std::max(m_abs, std::fabs(w(r, c)));
       MOQE_FAIL(
           "tensor '{}': the scale of row {}, group {} (columns {}..{}, max |w| = {}) overflows {}; "
           "use fp32 scales",

@@ -49,7 +49,8 @@ TEST_CASE("cuda: quantize equals the CPU reference bit for bit", "[cuda]") {
             std::vector<float> w(static_cast<size_t>(n * k));
             for (auto& x : w) x = g(rng);
             w[5] = 0.9f;  // an outlier
-            for (int64_t c = 0; c < std::min<int64_t>(k, 32); ++c) w[static_cast<size_t>(k + c)] = 0;
+            for (int64_t c = 0; c < std::min<int64_t>(k, 32); ++c)
+              w[static_cast<size_t>(k + c)] = 0;
             QuantScheme s{bits, mode, group};
             s.scale_type = st;
             INFO("k " << k << " bits " << bits << " group " << group);
