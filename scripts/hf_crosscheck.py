@@ -34,6 +34,16 @@ per id (relative error <= --wtol, default 1e-6), y relative Frobenius error <= -
 1e-5), plus the max abs error. Prints a table; exits 1 on any FAIL. A non-zero exit, a timeout or
 a missing/malformed output of moe-forward is a FAIL (its stderr is shown).
 
+Quantized and GPU checks: --quantize B first runs `moqe quantize --bits B --include 'experts?\.'`
+(routed and shared experts) and `moqe dequantize`, then compares moe-forward on the quantized
+weights with the float64 reference on the dequantized weights (the quantization error cancels;
+what remains is the kernels'); fused cases are skipped. --device cuda passes --device cuda to
+moe-forward (the GPU layer runs quantized experts only). Tolerances: CPU exact mode agrees to
+~2e-7 (--ytol 1e-5 holds); the GPU layer rounds activations to fp16 twice, so use
+--ytol 2e-3 --wtol 1e-5 there, e.g.
+    python scripts/hf_crosscheck.py --out /tmp/hfc --check build/src/cli/moqe --quantize 4 \
+        --device cuda --ytol 2e-3 --wtol 1e-5
+
 Self-test (needs the generation deps): regenerates, then (1) recomputes every case from the files
 on disk with an independent float64 numpy per-token loop (routing written from DESIGN.md section 3
 and the HF code, not calling torch) and compares it with expected.safetensors; (2) checks that each
@@ -640,7 +650,8 @@ def print_table(rows):
               + (f"  ({r['msg']})" if r["msg"] else ""))
 
 
-def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
+def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout,
+              device="cpu", quantize=0):
     try:
         with open(os.path.join(out_dir, "cases.json")) as f:
             index = json.load(f)["cases"]
@@ -655,13 +666,49 @@ def run_check(out_dir, families, moqe_cmd, wtol, ytol, switch_dropped, timeout):
             if families is not None and meta["family"] not in families:
                 continue
             d = os.path.join(out_dir, name)
+            if quantize and name.endswith("-fused"):
+                continue  # quantized runs use the per-expert layout (the device layer's)
             y_path = os.path.join(tmp, f"{name}.y.safetensors")
-            cmd = cmd0 + ["moe-forward", "--weights", d, "--prefix", meta["prefix"],
+            weights = d
+            if quantize:
+                # Quantize the experts with moqe, and take the reference on the dequantized
+                # weights: what remains is the kernels' own error, not the quantization's.
+                qdir = os.path.join(tmp, name)
+                os.makedirs(qdir, exist_ok=True)
+                weights = os.path.join(qdir, "model.safetensors")
+                deq = os.path.join(qdir, "dequantized")
+                os.makedirs(deq, exist_ok=True)
+                steps = [cmd0 + ["quantize", "--input", d, "--output", weights, "--bits",
+                                 str(quantize), "--include", "experts?\\.", "--quiet"],
+                         cmd0 + ["dequantize", "--input", weights, "--output",
+                                 os.path.join(deq, "model.safetensors")]]
+                bad = None
+                for step in steps:
+                    p = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
+                    if p.returncode != 0:
+                        bad = f"{step[len(cmd0)]}: " + (p.stderr or p.stdout).strip()[-300:]
+                        break
+                if bad:
+                    rows.append((name, dict(ok=False, ids_agree=0, order_agree=0,
+                                            w_err=float("nan"), y_rel=float("nan"),
+                                            y_abs=float("nan"), ntok=0, msg=bad)))
+                    failures += 1
+                    continue
+                for f_ in ("config.json", "x.safetensors"):
+                    shutil.copy(os.path.join(d, f_), os.path.join(deq, f_))
+                ref = numpy_reference(deq, meta["family"], meta["prefix"],
+                                      "legacy" if switch_dropped == "legacy" else "hf")
+                exp = {k: np.asarray(v) for k, v in ref.items() if k != "info"}
+                if meta["family"] == "switch":
+                    exp["y_legacy"] = exp["y"]
+            cmd = cmd0 + ["moe-forward", "--weights", weights, "--prefix", meta["prefix"],
                           "--family", meta["family"], "--input", os.path.join(d, "x.safetensors"),
-                          "--output", y_path]
+                          "--output", y_path, "--config", os.path.join(d, "config.json"),
+                          "--device", device]
             if meta["family"] == "switch":  # moqe's default is DESIGN's pass-through (4.x)
                 cmd += ["--switch-dropped", "passthrough" if switch_dropped == "legacy" else "zero"]
-            exp = st_load(os.path.join(d, "expected.safetensors"))
+            if not quantize:
+                exp = st_load(os.path.join(d, "expected.safetensors"))
             y_key = "y_legacy" if (meta["family"] == "switch" and switch_dropped == "legacy") else "y"
             blank = dict(ok=False, ids_agree=0, order_agree=0, w_err=float("nan"),
                          y_rel=float("nan"), y_abs=float("nan"), ntok=exp["y"].shape[0])
@@ -865,6 +912,14 @@ def main(argv=None):
                     help="reference for Switch tokens over capacity: hf = installed transformers "
                          "(5.x: output 0), legacy = transformers 4.x (p_max * x)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per moe-forward run")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="moe-forward --device (cuda runs moqe-quantized experts only: use "
+                         "--quantize)")
+    ap.add_argument("--quantize", type=int, choices=[0, 2, 3, 4, 8], default=0,
+                    help="with --check: quantize the experts with `moqe quantize` (this many bits) "
+                         "and compare with the reference on the dequantized weights (numpy, "
+                         "float64, itself checked against transformers by --self-test); fused "
+                         "cases are skipped")
     a = ap.parse_args(argv)
     families = None
     if a.families:
@@ -878,7 +933,8 @@ def main(argv=None):
         print(f"generating cases into {a.out}")
         generate(a.out, families)
     if a.check:
-        return run_check(a.out, families, a.check, a.wtol, a.ytol, a.switch_dropped, a.timeout)
+        return run_check(a.out, families, a.check, a.wtol, a.ytol, a.switch_dropped, a.timeout,
+                         a.device, a.quantize)
     return 0
 
 
