@@ -41,6 +41,7 @@ struct Case {
   std::string include;  // quantize these tensors
   cuda::ActType act = cuda::ActType::kF16;
   bool default_groups = false;  // g128 where it divides K, else per channel (odd K: simple path)
+  bool switch_passthrough = true;
 };
 
 std::vector<Case> cases() {
@@ -85,6 +86,8 @@ std::vector<Case> cases() {
   auto sw = base("switch");
   sw.expert_capacity = 3;
   out.push_back({"switch capacity", sw, ""});
+  out.push_back(
+      {"switch capacity, dropped tokens output 0", sw, "", cuda::ActType::kF16, false, false});
   return out;
 }
 
@@ -118,9 +121,12 @@ TEST_CASE("cuda moe: the device layer matches the CPU layer on quantized checkpo
         const Family family = *parse_family(c.spec.family);
         const MoeConfig config = read_moe_config(dir / "config.json", family);
         const std::string prefix = synthetic_moe_prefix(c.spec);
-        const MoELayer cpu = load_moe_layer(ckpt, prefix, config);
+        LoadOptions lo;
+        lo.switch_passthrough = c.switch_passthrough;
+        const MoELayer cpu = load_moe_layer(ckpt, prefix, config, lo);
         cuda::DeviceLoadOptions dlo;
         dlo.act_type = c.act;
+        dlo.switch_passthrough = c.switch_passthrough;
         const cuda::MoELayer gpu = cuda::MoELayer::load(ckpt, prefix, config, dlo);
         const int64_t h = c.spec.hidden;
         auto ws = gpu.make_workspace(40);
@@ -212,6 +218,12 @@ TEST_CASE("cuda moe: dispatch groups kept slots by expert in token order", "[cud
   REQUIRE(static_cast<int64_t>(row_slot.size()) == plan.rows());
   for (int64_t r = 0; r < plan.rows(); ++r) {
     CHECK(row_slot[static_cast<size_t>(r)] == plan.row_slot()[static_cast<size_t>(r)]);
+  }
+  // The slot -> row map the combine reads: -1 for slots that are not kept.
+  std::vector<int32_t> slot_row(static_cast<size_t>(t * 2));
+  d.slot_row.download(slot_row.data(), slot_row.size() * sizeof(int32_t));
+  for (size_t i = 0; i < slot_row.size(); ++i) {
+    CHECK(slot_row[i] == plan.slot_row()[i]);
   }
 }
 
