@@ -158,6 +158,34 @@ struct SelectParams {
 // experts than select_warp_kernel holds. Every slot of the token is written (ids -1, weights 0,
 // kept 0 first), so the outputs need no clearing. The token's score row is softmaxed (or
 // sigmoided) in place; expert choice stops there and selects per expert.
+// Task routing of token t: the task's experts and weights, or no slots (and the token flagged
+// for download() to report) when its task id is out of range.
+__device__ void route_task(const SelectParams& p, int64_t t, int32_t* ids, float* w,
+                           uint8_t* kept) {
+  const int64_t k = p.top_k;
+  const int32_t id = p.task_ids != nullptr ? p.task_ids[t] : p.task_id;
+  if (id < 0 || id >= p.num_tasks) {
+    atomicMin(p.bad_task, (static_cast<unsigned long long>(t) << 32) | static_cast<uint32_t>(id));
+    *p.task_count = p.num_tasks;
+    return;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    ids[j] = p.task_experts[id * k + j];
+    w[j] = p.task_weights[id * k + j];
+    kept[j] = 1;
+  }
+}
+
+// Expert i lies outside the topk_group groups kept for the token.
+__device__ __forceinline__ bool outside_kept_groups(int64_t i, int64_t gsize, const int32_t* keep,
+                                                    int64_t topk_group) {
+  const int64_t g = i / gsize;
+  for (int64_t j = 0; j < topk_group; ++j) {
+    if (keep[j] == g) return false;
+  }
+  return true;
+}
+
 __global__ void select_kernel(SelectParams p, int64_t tokens) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
@@ -174,17 +202,7 @@ __global__ void select_kernel(SelectParams p, int64_t tokens) {
   if (!is_active(p.active, t)) return;
 
   if (p.kind == RouterKind::kTask) {
-    const int32_t id = p.task_ids != nullptr ? p.task_ids[t] : p.task_id;
-    if (id < 0 || id >= p.num_tasks) {  // no slots; download() reports the first such token
-      atomicMin(p.bad_task, (static_cast<unsigned long long>(t) << 32) | static_cast<uint32_t>(id));
-      *p.task_count = p.num_tasks;
-      return;
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      ids[j] = p.task_experts[id * k + j];
-      w[j] = p.task_weights[id * k + j];
-      kept[j] = 1;
-    }
+    route_task(p, t, ids, w, kept);
     return;
   }
   float* s = p.scores + t * e;
@@ -195,13 +213,7 @@ __global__ void select_kernel(SelectParams p, int64_t tokens) {
   const int64_t n_group = p.n_group, gsize = e / n_group;
   float* group_score = p.group_score + t * n_group;
   int32_t* keep = p.keep + t * p.topk_group;
-  auto masked = [&](int64_t i) {  // i lies outside the topk_group kept groups
-    const int64_t g = i / gsize;
-    for (int64_t j = 0; j < p.topk_group; ++j) {
-      if (keep[j] == g) return false;
-    }
-    return true;
-  };
+  auto masked = [&](int64_t i) { return outside_kept_groups(i, gsize, keep, p.topk_group); };
   auto none = [](int64_t) { return false; };
   auto mask_groups = [&]() {
     topk_dev(
@@ -357,18 +369,7 @@ __global__ void select_warp_kernel(SelectParams p, int64_t tokens) {
   if (!is_active(p.active, t)) return;
 
   if (p.kind == RouterKind::kTask) {
-    if (lane != 0) return;
-    const int32_t id = p.task_ids != nullptr ? p.task_ids[t] : p.task_id;
-    if (id < 0 || id >= p.num_tasks) {
-      atomicMin(p.bad_task, (static_cast<unsigned long long>(t) << 32) | static_cast<uint32_t>(id));
-      *p.task_count = p.num_tasks;
-      return;
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      ids[j] = p.task_experts[id * k + j];
-      w[j] = p.task_weights[id * k + j];
-      kept[j] = 1;
-    }
+    if (lane == 0) route_task(p, t, ids, w, kept);
     return;
   }
   float* s = p.scores + t * e;
@@ -379,13 +380,7 @@ __global__ void select_warp_kernel(SelectParams p, int64_t tokens) {
   const int64_t n_group = p.n_group, gsize = e / n_group;
   float* group_score = p.group_score + t * n_group;
   int32_t* keep = p.keep + t * p.topk_group;
-  auto masked = [&](int64_t i) {
-    const int64_t g = i / gsize;
-    for (int64_t j = 0; j < p.topk_group; ++j) {
-      if (keep[j] == g) return false;
-    }
-    return true;
-  };
+  auto masked = [&](int64_t i) { return outside_kept_groups(i, gsize, keep, p.topk_group); };
   auto none = [](int64_t) { return false; };
   auto score = [&](int64_t i) { return s[i]; };
   auto group_value = [&](int64_t g) { return group_score[g]; };

@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/cuda/gemm.hpp"
 #include "moqe/cuda/runtime.hpp"
@@ -34,18 +35,8 @@ namespace {
 
 using moqe::cuda::DeviceBuffer;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "moqe_bench_cuda: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-void check(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) {
-    std::fprintf(stderr, "moqe_bench_cuda: %s: cuBLAS status %d\n", what, static_cast<int>(s));
-    std::exit(1);
-  }
-}
+using moqe_bench::check;
+using moqe_bench::time_calls;
 
 // Bytes of rotating weight copies: twice the L2 cache, at least 100 MB.
 int64_t cold_bytes() {
@@ -85,23 +76,6 @@ std::vector<uint16_t> random_half(int64_t count, uint32_t seed) {
   std::vector<uint16_t> v(static_cast<size_t>(count));
   for (auto& h : v) h = moqe::float_to_half_bits(g(rng));
   return v;
-}
-
-// Times `calls` launches of call(i) between two events on `stream`; seconds per call.
-template <class F>
-double time_calls(cudaStream_t stream, int calls, F&& call) {
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "event");
-  check(cudaEventCreate(&stop), "event");
-  check(cudaEventRecord(start, stream), "event record");
-  for (int i = 0; i < calls; ++i) call(i);
-  check(cudaEventRecord(stop, stream), "event record");
-  check(cudaEventSynchronize(stop), "event sync");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return 1e-3 * ms / calls;
 }
 
 // Runs the benchmark loop: each iteration one pass over `copies` calls.

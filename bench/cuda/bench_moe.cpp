@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "moqe/cuda/moe.hpp"
 #include "moqe/cuda/quantize.hpp"
 
@@ -30,12 +31,7 @@ namespace {
 
 using moqe::cuda::DeviceBuffer;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "moqe_bench_cuda: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using moqe_bench::check;
 
 struct Shape {
   const char* name;
@@ -88,31 +84,15 @@ std::vector<int64_t> rows_per_expert(const Shape& s, const std::vector<float>& x
 }
 
 template <class F>
-double time_steps(cudaStream_t stream, int steps, F&& step) {
-  cudaEvent_t a, b;
-  check_cuda(cudaEventCreate(&a), "event");
-  check_cuda(cudaEventCreate(&b), "event");
-  check_cuda(cudaEventRecord(a, stream), "event record");
-  for (int i = 0; i < steps; ++i) step();
-  check_cuda(cudaEventRecord(b, stream), "event record");
-  check_cuda(cudaEventSynchronize(b), "event sync");
-  float ms = 0;
-  check_cuda(cudaEventElapsedTime(&ms, a, b), "elapsed");
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return 1e-3 * ms / steps;
-}
-
-template <class F>
 void run_steps(benchmark::State& state, cudaStream_t stream, double bytes, int64_t used, F&& step) {
-  time_steps(stream, 3, step);  // warm-up
+  moqe_bench::time_calls(stream, 3, [&](int) { step(); });  // warm-up
   double total = 0;
   for (auto _ : state) {
-    const double sec = time_steps(stream, 10, step);
+    const double sec = moqe_bench::time_calls(stream, 10, [&](int) { step(); });
     state.SetIterationTime(sec);
     total += sec;
   }
-  check_cuda(cudaGetLastError(), "launch");
+  check(cudaGetLastError(), "launch");
   const double it = static_cast<double>(state.iterations());
   if (total > 0) {
     state.counters["bytes_per_second"] = bytes * it / total;
@@ -129,7 +109,7 @@ void bm_layer(benchmark::State& state, Shape s, std::string weights, int64_t t) 
   dx.upload(std::span<const float>(x));
   auto ws = l.make_workspace(t);
   cudaStream_t stream;
-  check_cuda(cudaStreamCreate(&stream), "stream");
+  check(cudaStreamCreate(&stream), "stream");
   const int64_t per_expert = 3 * s.hidden * s.inter;  // weights of one expert
   const double bytes_per_weight = static_cast<double>(l.device_bytes() - s.experts * s.hidden * 4) /
                                   static_cast<double>(per_expert * s.experts);
@@ -172,22 +152,23 @@ void bm_cublas_loop(benchmark::State& state, Shape s, int64_t t) {
       h(static_cast<size_t>(total_rows * 2 * s.inter * 2)),
       a(static_cast<size_t>(total_rows * s.inter * 2)),
       ye(static_cast<size_t>(total_rows * s.hidden * 2));
-  check_cuda(cudaMemset(xe.data(), 0x3c, xe.size()), "memset");  // 1.0-ish halves
-  check_cuda(cudaMemset(a.data(), 0x3c, a.size()), "memset");
+  check(cudaMemset(xe.data(), 0x3c, xe.size()), "memset");  // 1.0-ish halves
+  check(cudaMemset(a.data(), 0x3c, a.size()), "memset");
   cudaStream_t stream;
-  check_cuda(cudaStreamCreate(&stream), "stream");
+  check(cudaStreamCreate(&stream), "stream");
   cublasHandle_t handle;
-  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) std::exit(1);
-  cublasSetStream(handle, stream);
+  check(cublasCreate(&handle), "cublasCreate");
+  check(cublasSetStream(handle, stream), "cublasSetStream");
   const float alpha = 1.0f, beta = 0.0f;
   int64_t used = 0;
   for (int64_t n : rows) used += n > 0 ? 1 : 0;
   const auto gemm = [&](const void* w, const void* in, void* out, int64_t n, int64_t k,
                         int64_t m) {  // out^T [n, m] = W [n, k] . in^T, column-major views
-    cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
-                 static_cast<int>(k), &alpha, w, CUDA_R_16F, static_cast<int>(k), in, CUDA_R_16F,
-                 static_cast<int>(k), &beta, out, CUDA_R_16F, static_cast<int>(n),
-                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    check(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                       static_cast<int>(k), &alpha, w, CUDA_R_16F, static_cast<int>(k), in,
+                       CUDA_R_16F, static_cast<int>(k), &beta, out, CUDA_R_16F, static_cast<int>(n),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
   };
   run_steps(state, stream, 2.0 * static_cast<double>(3 * s.hidden * s.inter * used), used, [&] {
     int64_t off = 0;

@@ -103,24 +103,8 @@ ExpertParallelMoELayer::ExpertParallelMoELayer(
              "ExpertParallelMoELayer: rank {} holds {} experts in the placement, {} were given",
              comm_->rank(), mine.size(), local_experts.size());
   experts_ = ExpertGroup(std::move(local_experts), hidden_);
-  auto check_mlp = [&](const ExpertMLP* m, const char* what, size_t i) {
-    MOQE_CHECK(m != nullptr, "ExpertParallelMoELayer: {} {} is missing", what, i);
-    MOQE_CHECK(m->hidden() == hidden_, "ExpertParallelMoELayer: {} {} has hidden size {}, not {}",
-               what, i, m->hidden(), hidden_);
-    max_dense_intermediate_ = std::max(max_dense_intermediate_, m->intermediate());
-  };
-  for (size_t s = 0; s < shared_.size(); ++s) {
-    check_mlp(shared_[s].mlp.get(), "shared expert", s);
-    MOQE_CHECK(shared_[s].gate.empty() || static_cast<int64_t>(shared_[s].gate.size()) == hidden_,
-               "ExpertParallelMoELayer: the gate of shared expert {} has {} values, expected {}", s,
-               shared_[s].gate.size(), hidden_);
-  }
-  if (residual_) {
-    check_mlp(residual_->mlp.get(), "residual MLP", 0);
-    MOQE_CHECK(static_cast<int64_t>(residual_->coefficient.size()) == 2 * hidden_,
-               "ExpertParallelMoELayer: the residual coefficient has {} values, expected [2, {}]",
-               residual_->coefficient.size(), hidden_);
-  }
+  max_dense_intermediate_ =
+      detail::check_layer_tail(shared_, residual_, hidden_, "ExpertParallelMoELayer");
   bucket_.resize(static_cast<size_t>(placement_.num_experts()));
   int32_t b = 0;
   for (int r = 0; r < placement_.ranks(); ++r) {
@@ -153,26 +137,7 @@ ExpertParallelMoELayer ExpertParallelMoELayer::from_layer(const MoELayer& layer,
 }
 
 LayerStats ExpertParallelMoELayer::stats() const {
-  LayerStats s;
-  s.experts = experts_.size();
-  auto add = [&](const ExpertMLP& m) {
-    s.parameters += m.parameters();
-    s.weight_bytes += m.weight_bytes();
-  };
-  for (const auto& e : experts_.experts()) add(*e);
-  for (const auto& sh : shared_) {
-    add(*sh.mlp);
-    s.parameters += static_cast<int64_t>(sh.gate.size());
-    s.weight_bytes += static_cast<int64_t>(sh.gate.size()) * 4;
-  }
-  if (residual_) {
-    add(*residual_->mlp);
-    s.parameters += static_cast<int64_t>(residual_->coefficient.size());
-    s.weight_bytes += static_cast<int64_t>(residual_->coefficient.size()) * 4;
-  }
-  s.parameters += static_cast<int64_t>(router_.gate_weight().size());
-  s.weight_bytes += static_cast<int64_t>(router_.gate_weight().size()) * 4;
-  return s;
+  return detail::layer_stats(experts_, shared_, residual_, router_);
 }
 
 ExpertParallelMoELayer::Workspace ExpertParallelMoELayer::make_workspace(int64_t max_tokens) const {
@@ -200,11 +165,8 @@ ExpertParallelMoELayer::Workspace ExpertParallelMoELayer::make_workspace(int64_t
   ws.recv_rows.resize(static_cast<size_t>(p));
   ws.local_offsets.resize(static_cast<size_t>(l + 1));
   ws.experts = experts_.make_workspace(received, p * max_tokens);
-  if (!shared_.empty() || residual_) {
-    ws.active_tokens.reserve(static_cast<size_t>(max_tokens));
-    ws.scratch.resize(static_cast<size_t>(max_tokens * 2 * max_dense_intermediate_));
-    ws.extra.resize(static_cast<size_t>(2 * max_tokens * hidden_));
-  }
+  detail::reserve_layer_tail(!shared_.empty() || residual_.has_value(), max_tokens, hidden_,
+                             max_dense_intermediate_, ws.scratch, ws.extra, ws.active_tokens);
   ws.stats.rows_to.resize(static_cast<size_t>(p));
   ws.stats.rows_from.resize(static_cast<size_t>(p));
   ws.stats.expert_rows.resize(static_cast<size_t>(l));

@@ -23,48 +23,11 @@ MoELayer::MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> 
     MOQE_CHECK(router_.hidden() == hidden_, "MoELayer: the router's hidden size {} is not {}",
                router_.hidden(), hidden_);
   }
-  auto check_mlp = [&](const ExpertMLP& m, const std::string& what) {
-    MOQE_CHECK(m.hidden() == hidden_, "MoELayer: {} has hidden size {}, expert 0 has {}", what,
-               m.hidden(), hidden_);
-    max_dense_intermediate_ = std::max(max_dense_intermediate_, m.intermediate());
-  };
-  for (size_t s = 0; s < shared_.size(); ++s) {
-    MOQE_CHECK(shared_[s].mlp != nullptr, "MoELayer: shared expert {} is missing", s);
-    check_mlp(*shared_[s].mlp, fmt::format("shared expert {}", s));
-    MOQE_CHECK(shared_[s].gate.empty() || static_cast<int64_t>(shared_[s].gate.size()) == hidden_,
-               "MoELayer: the gate of shared expert {} has {} values, expected {}", s,
-               shared_[s].gate.size(), hidden_);
-  }
-  if (residual_) {
-    MOQE_CHECK(residual_->mlp != nullptr, "MoELayer: the residual MLP is missing");
-    check_mlp(*residual_->mlp, "the residual MLP");
-    MOQE_CHECK(static_cast<int64_t>(residual_->coefficient.size()) == 2 * hidden_,
-               "MoELayer: the residual coefficient has {} values, expected [2, {}]",
-               residual_->coefficient.size(), hidden_);
-  }
+  max_dense_intermediate_ = detail::check_layer_tail(shared_, residual_, hidden_, "MoELayer");
 }
 
 LayerStats MoELayer::stats() const {
-  LayerStats s;
-  s.experts = num_experts();
-  auto add = [&](const ExpertMLP& m) {
-    s.parameters += m.parameters();
-    s.weight_bytes += m.weight_bytes();
-  };
-  for (const auto& e : experts_.experts()) add(*e);
-  for (const auto& sh : shared_) {
-    add(*sh.mlp);
-    s.parameters += static_cast<int64_t>(sh.gate.size());
-    s.weight_bytes += static_cast<int64_t>(sh.gate.size()) * 4;
-  }
-  if (residual_) {
-    add(*residual_->mlp);
-    s.parameters += static_cast<int64_t>(residual_->coefficient.size());
-    s.weight_bytes += static_cast<int64_t>(residual_->coefficient.size()) * 4;
-  }
-  s.parameters += static_cast<int64_t>(router_.gate_weight().size());
-  s.weight_bytes += static_cast<int64_t>(router_.gate_weight().size()) * 4;
-  return s;
+  return detail::layer_stats(experts_, shared_, residual_, router_);
 }
 
 MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
@@ -86,11 +49,8 @@ MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
   ws.ye.resize(ws.xe.size());
   // An expert sees each token at most once.
   ws.experts = experts_.make_workspace(max_rows, max_tokens);
-  if (!shared_.empty() || residual_) {
-    ws.active_tokens.reserve(static_cast<size_t>(max_tokens));
-    ws.scratch.resize(static_cast<size_t>(max_tokens * 2 * max_dense_intermediate_));
-    ws.extra.resize(static_cast<size_t>(2 * max_tokens * hidden_));
-  }
+  detail::reserve_layer_tail(!shared_.empty() || residual_.has_value(), max_tokens, hidden_,
+                             max_dense_intermediate_, ws.scratch, ws.extra, ws.active_tokens);
   return ws;
 }
 
@@ -117,6 +77,66 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
 }
 
 namespace detail {
+
+int64_t check_layer_tail(std::span<const SharedExpert> shared,
+                         const std::optional<ResidualMLP>& residual, int64_t hidden,
+                         std::string_view who) {
+  int64_t max_inter = 0;
+  auto check_mlp = [&](const ExpertMLP& m, const std::string& what) {
+    MOQE_CHECK(m.hidden() == hidden, "{}: {} has hidden size {}, expected {}", who, what,
+               m.hidden(), hidden);
+    max_inter = std::max(max_inter, m.intermediate());
+  };
+  for (size_t s = 0; s < shared.size(); ++s) {
+    MOQE_CHECK(shared[s].mlp != nullptr, "{}: shared expert {} is missing", who, s);
+    check_mlp(*shared[s].mlp, fmt::format("shared expert {}", s));
+    MOQE_CHECK(shared[s].gate.empty() || static_cast<int64_t>(shared[s].gate.size()) == hidden,
+               "{}: the gate of shared expert {} has {} values, expected {}", who, s,
+               shared[s].gate.size(), hidden);
+  }
+  if (residual) {
+    MOQE_CHECK(residual->mlp != nullptr, "{}: the residual MLP is missing", who);
+    check_mlp(*residual->mlp, "the residual MLP");
+    MOQE_CHECK(static_cast<int64_t>(residual->coefficient.size()) == 2 * hidden,
+               "{}: the residual coefficient has {} values, expected [2, {}]", who,
+               residual->coefficient.size(), hidden);
+  }
+  return max_inter;
+}
+
+LayerStats layer_stats(const ExpertGroup& experts, std::span<const SharedExpert> shared,
+                       const std::optional<ResidualMLP>& residual, const Router& router) {
+  LayerStats s;
+  s.experts = experts.size();
+  auto add = [&](const ExpertMLP& m) {
+    s.parameters += m.parameters();
+    s.weight_bytes += m.weight_bytes();
+  };
+  auto add_floats = [&](size_t n) {
+    s.parameters += static_cast<int64_t>(n);
+    s.weight_bytes += static_cast<int64_t>(n) * 4;
+  };
+  for (const auto& e : experts.experts()) add(*e);
+  for (const auto& sh : shared) {
+    add(*sh.mlp);
+    add_floats(sh.gate.size());
+  }
+  if (residual) {
+    add(*residual->mlp);
+    add_floats(residual->coefficient.size());
+  }
+  add_floats(router.gate_weight().size());
+  return s;
+}
+
+void reserve_layer_tail(bool has_tail, int64_t max_tokens, int64_t hidden, int64_t max_intermediate,
+                        std::vector<float>& scratch, std::vector<float>& extra,
+                        std::vector<int32_t>& active_tokens) {
+  if (!has_tail) return;
+  active_tokens.reserve(static_cast<size_t>(max_tokens));
+  scratch.resize(static_cast<size_t>(max_tokens * 2 * max_intermediate));
+  extra.resize(static_cast<size_t>(2 * max_tokens * hidden));
+}
 
 void finish_layer(MatrixView<const float> x, MatrixView<float> y, const Routing& r,
                   std::span<const SharedExpert> shared, const std::optional<ResidualMLP>& residual,

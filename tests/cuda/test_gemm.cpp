@@ -30,20 +30,13 @@
 #include <string>
 #include <vector>
 
+#include "cuda/require_device.hpp"
 #include "moqe/cuda/gemm.hpp"
 #include "moqe/cuda/runtime.hpp"
 #include "moqe/gemm/linear.hpp"
 #include "test_util.hpp"
 
 using namespace moqe;
-
-#define MOQE_REQUIRE_DEVICE()              \
-  do {                                     \
-    if (moqe::cuda::device_count() == 0) { \
-      WARN("SKIPPED: no CUDA device");     \
-      return;                              \
-    }                                      \
-  } while (0)
 
 namespace {
 

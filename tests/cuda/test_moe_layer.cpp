@@ -17,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda/require_device.hpp"
 #include "moqe/cuda/moe.hpp"
 #include "moqe/cuda/runtime.hpp"
 #include "moqe/io/convert.hpp"
@@ -24,14 +25,6 @@
 #include "test_util.hpp"
 
 using namespace moqe;
-
-#define MOQE_REQUIRE_DEVICE()              \
-  do {                                     \
-    if (moqe::cuda::device_count() == 0) { \
-      WARN("SKIPPED: no CUDA device");     \
-      return;                              \
-    }                                      \
-  } while (0)
 
 namespace {
 

@@ -5,19 +5,12 @@
 
 #include <vector>
 
+#include "cuda/require_device.hpp"
 #include "dist/ep_cases.hpp"
 #include "moqe/cuda/nccl.hpp"
 #include "moqe/cuda/runtime.hpp"
 
 using namespace moqe;
-
-#define MOQE_REQUIRE_DEVICE()              \
-  do {                                     \
-    if (moqe::cuda::device_count() == 0) { \
-      WARN("SKIPPED: no CUDA device");     \
-      return;                              \
-    }                                      \
-  } while (0)
 
 TEST_CASE("nccl: one-rank collectives", "[cuda][nccl]") {
   MOQE_REQUIRE_DEVICE();

@@ -7,18 +7,11 @@
 #include <random>
 #include <vector>
 
+#include "cuda/require_device.hpp"
 #include "moqe/cuda/quantize.hpp"
 #include "moqe/cuda/runtime.hpp"
 
 using namespace moqe;
-
-#define MOQE_REQUIRE_DEVICE()              \
-  do {                                     \
-    if (moqe::cuda::device_count() == 0) { \
-      WARN("SKIPPED: no CUDA device");     \
-      return;                              \
-    }                                      \
-  } while (0)
 
 namespace {
 
