@@ -74,3 +74,32 @@ TEST_CASE("the expert-parallel layer rejects a placement that does not fit", "[d
       ep.run(MatrixView<const float>(x.data(), 5, 48), MatrixView<float>(y.data(), 5, 48), ws),
       Catch::Contains("5 tokens exceed the workspace's 4"));
 }
+
+TEST_CASE("partial loading and bucket orders reject what does not fit", "[dist]") {
+  test::TempDir dir;
+  SyntheticMoeSpec s;
+  s.hidden = 32;
+  s.intermediate = 32;
+  s.experts = 4;
+  write_synthetic_moe(dir.path(), s);
+  const Checkpoint ckpt(dir.path());
+  const MoeConfig config = read_moe_config(dir / "config.json", Family::kMixtral);
+  const int64_t want[] = {1, 9};
+  CHECK_THROWS_WITH(load_moe_parts(ckpt, synthetic_moe_prefix(s), config, {}, want),
+                    Catch::Contains("expert 9 requested of the 4 experts"));
+  const int64_t two[] = {3, 1};
+  const MoeLayerParts parts = load_moe_parts(ckpt, synthetic_moe_prefix(s), config, {}, two);
+  CHECK(parts.experts.size() == 2);
+  CHECK(parts.hidden == 32);
+
+  Routing r;
+  r.reset(1, 1, 4);
+  r.ids[0] = 2;
+  r.kept[0] = 1;
+  DispatchPlan plan;
+  const int32_t short_order[] = {0, 1, 2};
+  CHECK_THROWS_WITH(plan.build(r, short_order), Catch::Contains("3 buckets for 4 experts"));
+  const int32_t order[] = {3, 2, 1, 0};
+  plan.build(r, order);
+  CHECK(plan.expert_rows(1) == 1);  // expert 2 lands in bucket 1
+}
