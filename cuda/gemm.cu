@@ -26,7 +26,12 @@ struct detail::GemmAccess {
     a.scales_stride = w.scales_stride_;
     a.zeros = w.scheme_.has_zeros() ? w.zeros_.as<const uint8_t>() : nullptr;
     a.zeros_stride = w.zeros_stride_;
+    a.tiles = static_cast<int>(w.tiles_);
+    a.hi_offset = mma::hi_plane_offset(w.tiles_, w.k_ / mma::kChunkCols);
+    a.glu = w.glu_;
+    a.glu_rows = w.glu_ ? w.n_ : 0;
   }
+  static int64_t tiles(const DeviceQuantizedMatrix& w) { return w.tiles_; }
 };
 
 namespace {
@@ -81,7 +86,8 @@ constexpr MmaTable kMmaTable;
 int token_tiles(int64_t rows) { return rows <= 8 ? 1 : (rows <= 16 ? 2 : 4); }
 
 template <class TIn, class TOut>
-GemmArgs make_args(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TOut> y) {
+GemmArgs make_args(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TOut> y,
+                   const GemmEpilogue& epilogue) {
   GemmArgs a;
   a.x = x.data();
   a.ldx = x.row_stride();
@@ -96,8 +102,9 @@ GemmArgs make_args(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, Matr
   a.groups = static_cast<int>(w.cols() / w.group_size());
   a.bits = w.scheme().bits;
   a.row_bytes = packed_row_bytes(w.cols(), w.scheme().bits);
-  a.hi_offset = mma::hi_plane_offset((w.rows() + mma::kTileRows - 1) / mma::kTileRows,
-                                     w.cols() / mma::kChunkCols);
+  a.act = epilogue.activate ? static_cast<int>(epilogue.activation) : -1;
+  a.row_scale = epilogue.row_scale;
+  a.row_index = epilogue.row_index;
   return a;
 }
 
@@ -133,7 +140,7 @@ void launch(GemmArgs& args, const DeviceQuantizedMatrix& w, int64_t rows_hint, i
     const int mt = token_tiles(rows_hint);
     const int64_t blocks =
         std::clamp<int64_t>((rows_hint + 8 * mt - 1) / (8 * mt), 1, kMaxTokenBlocks);
-    const int64_t tiles = (w.rows() + mma::kTileRows - 1) / mma::kTileRows;
+    const int64_t tiles = detail::GemmAccess::tiles(w);
     args.warps = detail::mma_warps(args.k, blocks * tiles * active, multiprocessors());
     kMmaTable.fn[kAct][bits_index(w.scheme().bits)][tiles_index(mt)](args, blocks, experts, stream);
   } else {
@@ -144,12 +151,35 @@ void launch(GemmArgs& args, const DeviceQuantizedMatrix& w, int64_t rows_hint, i
 
 }  // namespace
 
-mma::PackedWeights mma::pack(const QuantizedMatrix& q) {
+std::vector<int64_t> mma::glu_row_map(int64_t inter) {
+  const int64_t tiles = (inter + kGluColsPerTile - 1) / kGluColsPerTile;
+  std::vector<int64_t> map(static_cast<size_t>(tiles * kTileRows));
+  for (size_t r = 0; r < map.size(); ++r) {
+    map[r] = glu_source_row(static_cast<int64_t>(r), inter);
+  }
+  return map;
+}
+
+mma::PackedWeights mma::pack(const QuantizedMatrix& q, std::span<const int64_t> row_map) {
   const int64_t n = q.rows(), k = q.cols(), groups = q.groups_per_row();
   const int bits = q.bits();
   const std::string reason = check_gemm_path(GemmPath::kMma, q.scheme(), k);
   MOQE_CHECK(reason.empty(), "cuda::mma::pack: {}", reason);
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows, chunks = k / kChunkCols;
+  MOQE_CHECK(row_map.size() % kTileRows == 0,
+             "cuda::mma::pack: the row map holds {} rows, not a multiple of {}", row_map.size(),
+             kTileRows);
+  for (const int64_t r : row_map) {
+    MOQE_CHECK(r >= -1 && r < n, "cuda::mma::pack: the row map names row {} of a matrix of {}", r,
+               n);
+  }
+  // The row of q that packed row r holds, or -1.
+  auto source = [&](int64_t r) -> int64_t {
+    if (!row_map.empty()) return row_map[static_cast<size_t>(r)];
+    return r < n ? r : -1;
+  };
+  const int64_t tiles = row_map.empty() ? (n + kTileRows - 1) / kTileRows
+                                        : static_cast<int64_t>(row_map.size()) / kTileRows;
+  const int64_t chunks = k / kChunkCols;
   const int64_t bytes = chunk_bytes(bits);
   PackedWeights out;
   out.qweight.resize(static_cast<size_t>(tiles * chunks * 32 * bytes));
@@ -158,8 +188,9 @@ mma::PackedWeights mma::pack(const QuantizedMatrix& q) {
   std::vector<uint8_t> codes;  // the tile's codes, [16, K]
   for (int64_t tile = 0; tile < tiles; ++tile) {
     codes.assign(static_cast<size_t>(kTileRows * k), 0);
-    for (int64_t r = 0; r < kTileRows && tile * kTileRows + r < n; ++r) {
-      unpack_row(q.packed_row(tile * kTileRows + r), k, bits, codes.data() + r * k);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const int64_t row = source(tile * kTileRows + r);
+      if (row >= 0) unpack_row(q.packed_row(row), k, bits, codes.data() + r * k);
     }
     const int wb = word_bits(bits);  // 3-bit codes: their low two bits here, bit 2 in hi
     for (int64_t c = 0; c < chunks; ++c) {
@@ -190,10 +221,10 @@ mma::PackedWeights mma::pack(const QuantizedMatrix& q) {
     }
     for (int64_t gi = 0; gi < groups; ++gi) {
       for (int64_t r = 0; r < kTileRows; ++r) {
-        const int64_t row = tile * kTileRows + r;
+        const int64_t row = source(tile * kTileRows + r);
         const size_t i = static_cast<size_t>((tile * groups + gi) * kTileRows + r);
-        out.scales[i] = row < n ? q.scale(row, gi) : 0.0f;
-        if (!out.zeros.empty()) out.zeros[i] = row < n ? static_cast<uint8_t>(q.zero(row, gi)) : 0;
+        out.scales[i] = row >= 0 ? q.scale(row, gi) : 0.0f;
+        if (!out.zeros.empty()) out.zeros[i] = row >= 0 ? static_cast<uint8_t>(q.zero(row, gi)) : 0;
       }
     }
   }
@@ -220,6 +251,41 @@ DeviceQuantizedMatrix::DeviceQuantizedMatrix(const QuantizedMatrix& q, GemmPath 
 
 DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatrix> experts,
                                                    GemmPath path) {
+  return build(experts, path, false);
+}
+
+DeviceQuantizedMatrix DeviceQuantizedMatrix::stack_glu(std::span<const QuantizedMatrix> gate,
+                                                       std::span<const QuantizedMatrix> up,
+                                                       GemmPath path) {
+  MOQE_CHECK(!gate.empty() && gate.size() == up.size(),
+             "cuda::DeviceQuantizedMatrix::stack_glu: {} gate and {} up matrices", gate.size(),
+             up.size());
+  std::vector<QuantizedMatrix> fused;
+  fused.reserve(gate.size());
+  for (size_t e = 0; e < gate.size(); ++e) {
+    const QuantizedMatrix& g = gate[e];
+    const QuantizedMatrix& u = up[e];
+    MOQE_CHECK(g.rows() == u.rows() && g.cols() == u.cols() && g.scheme() == u.scheme(),
+               "cuda::DeviceQuantizedMatrix::stack_glu: expert {}'s gate is [{}, {}] {} and its "
+               "up [{}, {}] {}: a GLU matrix needs one shape and scheme",
+               e, g.rows(), g.cols(), g.scheme().to_string(), u.rows(), u.cols(),
+               u.scheme().to_string());
+    // [gate; up] by rows: valid because groups never cross rows.
+    std::vector<uint8_t> qw(g.qweight().begin(), g.qweight().end());
+    qw.insert(qw.end(), u.qweight().begin(), u.qweight().end());
+    std::vector<float> sc(g.scales().begin(), g.scales().end());
+    sc.insert(sc.end(), u.scales().begin(), u.scales().end());
+    std::vector<uint8_t> zs(g.zeros().begin(), g.zeros().end());
+    zs.insert(zs.end(), u.zeros().begin(), u.zeros().end());
+    fused.push_back(QuantizedMatrix::from_parts(2 * g.rows(), g.cols(), g.scheme(), std::move(qw),
+                                                std::move(sc), std::move(zs),
+                                                MOQE_FORMAT("expert {} gate and up", e)));
+  }
+  return build(fused, path, true);
+}
+
+DeviceQuantizedMatrix DeviceQuantizedMatrix::build(std::span<const QuantizedMatrix> experts,
+                                                   GemmPath path, bool glu) {
   MOQE_CHECK(!experts.empty(), "cuda::DeviceQuantizedMatrix: no experts given");
   const QuantizedMatrix& q0 = experts[0];
   for (size_t e = 1; e < experts.size(); ++e) {
@@ -229,14 +295,18 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatr
                experts[e].rows(), experts[e].cols(), experts[e].scheme().to_string(), q0.rows(),
                q0.cols(), q0.scheme().to_string());
   }
-  const int64_t n = q0.rows(), k = q0.cols();
-  MOQE_CHECK(n > 0 && k > 0, "cuda::DeviceQuantizedMatrix: empty matrix [{}, {}]", n, k);
+  // n: outputs (I of [2I, K] for glu).
+  const int64_t n = glu ? q0.rows() / 2 : q0.rows(), k = q0.cols();
+  MOQE_CHECK(n > 0 && k > 0, "cuda::DeviceQuantizedMatrix: empty matrix [{}, {}]", q0.rows(), k);
   MOQE_CHECK(k <= INT32_MAX / 2, "cuda::DeviceQuantizedMatrix: K = {} is too large", k);
   MOQE_CHECK(static_cast<int64_t>(experts.size()) <= kMaxGridYZ,
              "cuda::DeviceQuantizedMatrix: {} experts; at most {} per stack", experts.size(),
              kMaxGridYZ);
-  MOQE_CHECK((n + 15) / 16 <= kMaxGridYZ && (n + 7) / 8 <= kMaxGridYZ,
-             "cuda::DeviceQuantizedMatrix: N = {} rows; at most {}", n, 8 * kMaxGridYZ);
+  const int64_t tiles = glu ? (n + mma::kGluColsPerTile - 1) / mma::kGluColsPerTile
+                            : (n + mma::kTileRows - 1) / mma::kTileRows;
+  MOQE_CHECK(tiles <= kMaxGridYZ && (n + 7) / 8 <= kMaxGridYZ,
+             "cuda::DeviceQuantizedMatrix: N = {} outputs; at most {}", n,
+             (glu ? mma::kGluColsPerTile : 8) * kMaxGridYZ);
   const std::string reason = check_gemm_path(path, q0.scheme(), k);
   MOQE_CHECK(reason.empty(), "cuda::DeviceQuantizedMatrix: {} for [{}, {}] {}", reason, n, k,
              q0.scheme().to_string());
@@ -245,6 +315,8 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatr
   d.experts_ = static_cast<int64_t>(experts.size());
   d.n_ = n;
   d.k_ = k;
+  d.tiles_ = tiles;
+  d.glu_ = glu;
   d.group_ = q0.group_size();
   d.scheme_ = q0.scheme();
   d.path_ = resolve_path(path, q0.scheme(), k);
@@ -254,15 +326,15 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatr
   std::vector<float> sc;
   std::vector<uint8_t> zs;
   if (d.path_ == GemmPath::kMma) {
-    const int64_t tiles = (n + mma::kTileRows - 1) / mma::kTileRows;
     d.qweight_stride_ = tiles * (k / mma::kChunkCols) * 32 * mma::chunk_bytes(q0.bits());
     d.scales_stride_ = tiles * groups * mma::kTileRows;
     d.zeros_stride_ = zeros ? d.scales_stride_ : 0;
   } else {
-    d.qweight_stride_ = n * q0.row_bytes();
-    d.scales_stride_ = n * groups;
-    d.zeros_stride_ = zeros ? n * groups : 0;
+    d.qweight_stride_ = q0.rows() * q0.row_bytes();
+    d.scales_stride_ = q0.rows() * groups;
+    d.zeros_stride_ = zeros ? q0.rows() * groups : 0;
   }
+  const std::vector<int64_t> row_map = glu ? mma::glu_row_map(n) : std::vector<int64_t>{};
   qw.resize(static_cast<size_t>(d.qweight_stride_ * d.experts_));
   sc.resize(static_cast<size_t>(d.scales_stride_ * d.experts_));
   zs.resize(static_cast<size_t>(d.zeros_stride_ * d.experts_));
@@ -272,7 +344,7 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatr
     float* sce = sc.data() + e * d.scales_stride_;
     uint8_t* zse = zs.data() + e * d.zeros_stride_;
     if (d.path_ == GemmPath::kMma) {
-      const mma::PackedWeights packed = mma::pack(q);
+      const mma::PackedWeights packed = mma::pack(q, row_map);
       std::copy(packed.qweight.begin(), packed.qweight.end(), qwe);
       std::copy(packed.scales.begin(), packed.scales.end(), sce);
       std::copy(packed.zeros.begin(), packed.zeros.end(), zse);
@@ -301,13 +373,13 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack(std::span<const QuantizedMatr
 
 template <class TIn, class TOut>
 void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TOut> y,
-          Stream stream, int64_t expert) {
+          const GemmEpilogue& epilogue, Stream stream, int64_t expert) {
   check_operands("gemm", x, w, y);
   MOQE_CHECK(expert >= 0 && expert < w.num_experts(),
              "cuda::gemm: expert {} is out of range (the weights hold {})", expert,
              w.num_experts());
   if (x.rows() == 0) return;
-  GemmArgs args = make_args(x, w, y);
+  GemmArgs args = make_args(x, w, y, epilogue);
   args.m = x.rows();
   args.expert = static_cast<int>(expert);
   launch<act_index<TIn>()>(args, w, x.rows(), 1, 1, stream);
@@ -315,7 +387,8 @@ void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TO
 
 template <class TIn, class TOut>
 void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
-                  MatrixView<TOut> y, Stream stream, int64_t max_rows_hint) {
+                  MatrixView<TOut> y, const GemmEpilogue& epilogue, Stream stream,
+                  int64_t max_rows_hint) {
   check_operands("gemm_grouped", x, w, y);
   MOQE_CHECK(offsets != nullptr, "cuda::gemm_grouped: offsets is null ({} experts)",
              w.num_experts());
@@ -325,18 +398,19 @@ void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const
   const int64_t mean = (x.rows() + w.num_experts() - 1) / w.num_experts();
   const int64_t hint =
       max_rows_hint >= 0 ? max_rows_hint : std::min(x.rows(), std::max<int64_t>(8, 2 * mean));
-  GemmArgs args = make_args(x, w, y);
+  GemmArgs args = make_args(x, w, y, epilogue);
   args.offsets = offsets;
   // Experts with rows: at most one per row.
   const int64_t active = std::min(w.num_experts(), x.rows());
   launch<act_index<TIn>()>(args, w, hint, static_cast<int>(w.num_experts()), active, stream);
 }
 
-#define MOQE_CUDA_GEMM_INSTANTIATE(TIn, TOut)                                                \
-  template void gemm<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,         \
-                                MatrixView<TOut>, Stream, int64_t);                          \
-  template void gemm_grouped<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&, \
-                                        const int64_t*, MatrixView<TOut>, Stream, int64_t);
+#define MOQE_CUDA_GEMM_INSTANTIATE(TIn, TOut)                                                  \
+  template void gemm<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,           \
+                                MatrixView<TOut>, const GemmEpilogue&, Stream, int64_t);       \
+  template void gemm_grouped<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,   \
+                                        const int64_t*, MatrixView<TOut>, const GemmEpilogue&, \
+                                        Stream, int64_t);
 MOQE_CUDA_GEMM_INSTANTIATE(Half, Half)
 MOQE_CUDA_GEMM_INSTANTIATE(Half, BFloat16)
 MOQE_CUDA_GEMM_INSTANTIATE(Half, float)

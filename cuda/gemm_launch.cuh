@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "activation.cuh"
 #include "moqe/core/config.hpp"
 
 namespace moqe::cuda::detail {
@@ -39,7 +40,15 @@ struct GemmArgs {
   int bits = 0;
   int64_t row_bytes = 0;  // packed bytes per row (kSimple layout)
   int warps = 1;          // mma kernel: warps per block (mma_warps)
+  int tiles = 0;          // mma kernel: 16-row tiles of the packed weights (grid.y)
   int64_t hi_offset = 0;  // mma kernel, 3-bit codes: bytes from an expert's codes to its hi plane
+  // The epilogue (GemmEpilogue). glu: the GLU pair layout (mma) or [gate; up] rows with up row
+  // n at glu_rows + n (simple); n counts outputs (I). act: an Activation, or -1 for none.
+  bool glu = false;
+  int64_t glu_rows = 0;
+  int act = -1;
+  const float* row_scale = nullptr;  // y row r *= row_scale[row_index ? row_index[r] : r]
+  const int32_t* row_index = nullptr;
 };
 
 // The mma kernel's weight layout and conversion constants: moqe/cuda/mma_layout.hpp.
@@ -59,6 +68,17 @@ __device__ __forceinline__ void store_out(void* y, int64_t i, OutType type, floa
   } else {
     static_cast<float*>(y)[i] = v;
   }
+}
+
+// The epilogue of output element (x row `row`, any column): v is the accumulated value (the gate
+// for a GLU matrix), up the matching up value (GLU only). fp32 throughout; GemmEpilogue's order.
+__device__ __forceinline__ float epilogue(const GemmArgs& p, float v, float up, int64_t row) {
+  if (p.act >= 0) v = activate_dev(static_cast<Activation>(p.act), v);
+  if (p.glu) v *= up;
+  if (p.row_scale != nullptr) {
+    v *= p.row_scale[p.row_index != nullptr ? static_cast<int64_t>(p.row_index[row]) : row];
+  }
+  return v;
 }
 
 // Warps per block of the mma kernel (they split K; blockDim.x = 32 * warps) for `blocks` blocks of

@@ -269,17 +269,25 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const GemmArgs p) {
     }
     flush();
 
-    // acc[mt][r] of lane (g, t) is row g + 8 (r >> 1), token mt * 8 + 2 t + (r & 1).
-    auto store = [&](int mt, int r, int ln, float v) {
-      const int64_t row = tile * 16 + (ln >> 2) + ((r >> 1) ? 8 : 0);
+    // acc[mt][r] of lane (g, t) is tile row g + 8 (r >> 1), token mt * 8 + 2 t + (r & 1). A GLU
+    // matrix pairs r < 2 (gate, row g) with r + 2 (up, row g + 8) into output column
+    // glu_output_col(tile, g); otherwise every r is an output of its own.
+    auto store = [&](int mt, int r, int ln, float v, float up) {
+      const int64_t col =
+          p.glu ? mma::glu_output_col(tile, ln >> 2) : tile * 16 + (ln >> 2) + ((r >> 1) ? 8 : 0);
       const int64_t token = m0 + mt * 8 + 2 * (ln & 3) + (r & 1);
-      if (row < p.n && token < rows) store_out(p.y, (row0 + token) * p.ldy + row, p.out_type, v);
+      if (col < p.n && token < rows) {
+        store_out(p.y, (row0 + token) * p.ldy + col, p.out_type, epilogue(p, v, up, row0 + token));
+      }
     };
+    const int outs = p.glu ? 2 : 4;  // accumulators per (token tile, lane) that are outputs
     if (warps == 1) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) store(mt, r, lane, acc[mt][r]);
+        for (int r = 0; r < 4; ++r) {
+          if (r < outs) store(mt, r, lane, acc[mt][r], acc[mt][(r + 2) & 3]);
+        }
       }
     } else {
 #pragma unroll
@@ -288,10 +296,16 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const GemmArgs p) {
         for (int r = 0; r < 4; ++r) red[(warp * kMT * 4 + mt * 4 + r) * 32 + lane] = acc[mt][r];
       }
       __syncthreads();
-      for (int v = static_cast<int>(threadIdx.x); v < kMT * 4 * 32; v += blockDim.x) {
-        float sum = red[v];
-        for (int w = 1; w < warps; ++w) sum += red[w * kMT * 4 * 32 + v];
-        store((v >> 5) >> 2, (v >> 5) & 3, v & 31, sum);
+      constexpr int kWarpStride = kMT * 4 * 32;
+      for (int v = static_cast<int>(threadIdx.x); v < kMT * outs * 32; v += blockDim.x) {
+        const int ln = v & 31, q = v >> 5, mt = q / outs, r = q % outs;
+        const int i = (mt * 4 + r) * 32 + ln, iu = (mt * 4 + ((r + 2) & 3)) * 32 + ln;
+        float sum = red[i], up = red[iu];
+        for (int w = 1; w < warps; ++w) {
+          sum += red[w * kWarpStride + i];
+          up += red[w * kWarpStride + iu];
+        }
+        store(mt, r, ln, sum, up);
       }
       __syncthreads();  // red is reused by the next token block
     }
@@ -301,7 +315,7 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const GemmArgs p) {
 template <int kBits, int kAct, int kMT>
 void launch_gemm_mma(const GemmArgs& args, int64_t m_blocks, int experts, cudaStream_t stream) {
   const int warps = args.warps;
-  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>((args.n + 15) / 16),
+  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(args.tiles),
                   static_cast<unsigned>(experts));
   const size_t smem = warps > 1 ? static_cast<size_t>(warps) * kMT * 4 * 32 * sizeof(float) : 0;
   gemm_mma_kernel<kBits, kAct, kMT><<<grid, 32 * warps, smem, stream>>>(args);

@@ -19,11 +19,12 @@ __device__ __forceinline__ float act_to_float(uint16_t bits) {
   }
 }
 
-// One warp per output element: warp w of block (bx, by, bz) computes row by * 8 + w of W for the
-// tokens bx, bx + gridDim.x, ... of expert bz. The file layout (packed rows, scales [N, groups],
-// zeros [N, groups]); lane l takes columns l, l + 32, ... of each group. The numerics are the mma
-// path's: per group an fp32 sum of x (q - z) (each product exact: <= 11 x 8 significant bits),
-// scaled once per group, then a butterfly sum over the lanes.
+// One warp per output element: warp w of block (bx, by, bz) computes output n = by * 8 + w for
+// the tokens bx, bx + gridDim.x, ... of expert bz. The file layout (packed rows, scales [N,
+// groups], zeros [N, groups]); lane l takes columns l, l + 32, ... of each group. The numerics are
+// the mma path's: per group an fp32 sum of x (q - z) (each product exact: <= 11 x 8 significant
+// bits), scaled once per group, then a butterfly sum over the lanes. A GLU matrix ([gate; up] rows)
+// computes rows n and glu_rows + n and hands both to the epilogue.
 template <int kAct>
 __global__ void __launch_bounds__(256) gemm_simple_kernel(const GemmArgs p) {
   const int z = static_cast<int>(blockIdx.z);
@@ -36,12 +37,13 @@ __global__ void __launch_bounds__(256) gemm_simple_kernel(const GemmArgs p) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.y) * 8 + (threadIdx.x >> 5);
   if (n >= p.n) return;
-  const uint8_t* wrow = p.qweight + e * p.qweight_stride + n * p.row_bytes;
-  const int64_t srow = e * p.scales_stride + n * p.groups;  // index of the row's first scale
-  const uint8_t* zrow = p.zeros != nullptr ? p.zeros + e * p.zeros_stride + n * p.groups : nullptr;
   const int64_t group = p.group_size;
-  for (int64_t m = blockIdx.x; m < rows; m += gridDim.x) {
-    const uint16_t* x = static_cast<const uint16_t*>(p.x) + (row0 + m) * p.ldx;
+  // The full dot product of x with weight row `wr` of expert e, in every lane.
+  auto dot = [&](const uint16_t* x, int64_t wr) {
+    const uint8_t* wrow = p.qweight + e * p.qweight_stride + wr * p.row_bytes;
+    const int64_t srow = e * p.scales_stride + wr * p.groups;  // the row's first scale
+    const uint8_t* zrow =
+        p.zeros != nullptr ? p.zeros + e * p.zeros_stride + wr * p.groups : nullptr;
     float acc = 0.0f;
     for (int gi = 0; gi < p.groups; ++gi) {
       const int zero = zrow != nullptr ? zrow[gi] : p.zero_const;
@@ -54,7 +56,15 @@ __global__ void __launch_bounds__(256) gemm_simple_kernel(const GemmArgs p) {
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, d);
-    if (lane == 0) store_out(p.y, (row0 + m) * p.ldy + n, p.out_type, acc);
+    return acc;
+  };
+  for (int64_t m = blockIdx.x; m < rows; m += gridDim.x) {
+    const uint16_t* x = static_cast<const uint16_t*>(p.x) + (row0 + m) * p.ldx;
+    const float v = dot(x, n);
+    const float up = p.glu ? dot(x, p.glu_rows + n) : 0.0f;
+    if (lane == 0) {
+      store_out(p.y, (row0 + m) * p.ldy + n, p.out_type, epilogue(p, v, up, row0 + m));
+    }
   }
 }
 

@@ -1,7 +1,8 @@
 // Dispatch and combine on the device: the kept slots sorted by expert with CUB's stable radix
 // sort (rows of one expert stay in token order, as the CPU's counting sort leaves them), expert
 // offsets by binary search in the sorted keys, and the element-wise kernels of the layer
-// (gather, activation, combine, shared-expert add).
+// (gather, combine, shared-expert add; the activation and the routing weights are GEMM
+// epilogues).
 #include <cub/device/device_radix_sort.cuh>
 
 #include "check.cuh"
@@ -83,38 +84,8 @@ __global__ void convert(const float* __restrict__ x, int64_t n, TIn* __restrict_
   if (i < n) out[i] = to_act<TIn>(x[i]);
 }
 
-// moqe::activate's formulas in device functions.
-__device__ __forceinline__ float activate_dev(Activation a, float x) {
-  switch (a) {
-    case Activation::kSilu:
-      return x / (1.0f + expf(-x));
-    case Activation::kGeluTanh: {
-      const float kAlpha = 0.7978845608028654f;
-      return 0.5f * x * (1.0f + tanhf(kAlpha * (x + 0.044715f * x * x * x)));
-    }
-    case Activation::kGelu:
-      return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    case Activation::kRelu:
-      return x > 0.0f ? x : 0.0f;
-  }
-  return x;
-}
-
-// grid.x = rows (bounded), grid.y over the intermediate columns.
-template <class TIn>
-__global__ void activation(const float* __restrict__ h, int64_t ldh, int64_t inter, MlpKind kind,
-                           Activation act, const int64_t* __restrict__ rows_at, int64_t max_rows,
-                           TIn* __restrict__ a) {
-  const int64_t r = blockIdx.x;
-  const int64_t rows = rows_at != nullptr ? *rows_at : max_rows;
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (r >= rows || i >= inter) return;
-  const float* row = h + r * ldh;
-  const float g = activate_dev(act, row[i]);
-  a[r * inter + i] = to_act<TIn>(kind == MlpKind::kGlu ? g * row[inter + i] : g);
-}
-
-// One block per token; threads over the hidden size; slots summed in slot order.
+// One block per token; threads over the hidden size; the rows of its kept slots (already scaled
+// by their routing weights in the down projection's epilogue) summed in slot order.
 __global__ void combine(const float* __restrict__ x, const float* __restrict__ ye,
                         const int32_t* __restrict__ slot_row, const float* __restrict__ weights,
                         const uint8_t* __restrict__ passthrough, int64_t slots, int64_t h,
@@ -125,7 +96,7 @@ __global__ void combine(const float* __restrict__ x, const float* __restrict__ y
     float acc = 0.0f;
     for (int64_t j = 0; j < slots; ++j) {
       const int32_t r = slot_row[t * slots + j];
-      if (r >= 0) acc += weights[t * slots + j] * ye[static_cast<int64_t>(r) * h + c];
+      if (r >= 0) acc += ye[static_cast<int64_t>(r) * h + c];
     }
     if (pass) acc = weights[t * slots] * x[t * h + c];
     y[t * h + c] = acc;
@@ -245,15 +216,6 @@ void launch_convert(const float* x, int64_t n, TIn* out, Stream stream) {
   MOQE_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class TIn>
-void launch_activation(const float* h, int64_t ldh, int64_t inter, MlpKind kind, Activation act,
-                       const int64_t* rows_at, int64_t max_rows, TIn* a, Stream stream) {
-  if (max_rows == 0 || inter == 0) return;
-  const dim3 grid(grid_for(max_rows, 1), grid_for(inter));
-  activation<TIn><<<grid, kThreads, 0, stream>>>(h, ldh, inter, kind, act, rows_at, max_rows, a);
-  MOQE_CUDA_CHECK(cudaGetLastError());
-}
-
 void launch_combine(const float* x, const float* ye, const int32_t* slot_row, const float* weights,
                     const uint8_t* passthrough, int64_t tokens, int64_t slots, int64_t h, float* y,
                     Stream stream) {
@@ -273,9 +235,7 @@ void launch_add_shared(const float* x, const float* ys, const float* gate, const
 #define MOQE_MOE_KERNELS(T)                                                                      \
   template void launch_gather<T>(const float*, int64_t, const int32_t*, int64_t, const int64_t*, \
                                  int64_t, T*, Stream);                                           \
-  template void launch_convert<T>(const float*, int64_t, T*, Stream);                            \
-  template void launch_activation<T>(const float*, int64_t, int64_t, MlpKind, Activation,        \
-                                     const int64_t*, int64_t, T*, Stream);
+  template void launch_convert<T>(const float*, int64_t, T*, Stream);
 MOQE_MOE_KERNELS(Half)
 MOQE_MOE_KERNELS(BFloat16)
 #undef MOQE_MOE_KERNELS

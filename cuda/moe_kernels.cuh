@@ -18,13 +18,9 @@ void launch_gather(const float* x, int64_t h, const int32_t* row_slot, int64_t s
 // x converted to TIn, all t rows.
 template <class TIn>
 void launch_convert(const float* x, int64_t n, TIn* out, Stream stream);
-// a[r, i] = TIn(act(h[r, i]) * h[r, I + i]) (glu) or TIn(act(h[r, i])) (mlp), i < I, for
-// r < rows: rows = *rows_at when rows_at is not null, else max_rows.
-template <class TIn>
-void launch_activation(const float* h, int64_t ldh, int64_t inter, MlpKind kind, Activation act,
-                       const int64_t* rows_at, int64_t max_rows, TIn* a, Stream stream);
-// y[t] = sum over kept slots j of t, in slot order, of w[t, j] * ye[slot_row[t, j]]; pass-through
-// tokens output w[t, 0] * x[t]; others with no kept slot output 0.
+// y[t] = sum over kept slots j of t, in slot order, of ye[slot_row[t, j]] (rows already scaled
+// by their routing weights); pass-through tokens output w[t, 0] * x[t]; others with no kept slot
+// output 0.
 void launch_combine(const float* x, const float* ye, const int32_t* slot_row, const float* weights,
                     const uint8_t* passthrough, int64_t tokens, int64_t slots, int64_t h, float* y,
                     Stream stream);

@@ -32,24 +32,6 @@ QuantizedMatrix load_required(const Checkpoint& ckpt, const std::string& name, i
   return q;
 }
 
-// [a; b] by rows: valid because groups never cross rows.
-QuantizedMatrix concat_rows(const QuantizedMatrix& a, const QuantizedMatrix& b,
-                            const std::string& name) {
-  MOQE_CHECK(a.cols() == b.cols() && a.scheme().bits == b.scheme().bits &&
-                 a.scheme().mode == b.scheme().mode && a.group_size() == b.group_size() &&
-                 a.scheme().scale_type == b.scheme().scale_type,
-             "{}: gate and up projections must share shape and scheme to run fused on the device",
-             name);
-  std::vector<uint8_t> qw(a.qweight().begin(), a.qweight().end());
-  qw.insert(qw.end(), b.qweight().begin(), b.qweight().end());
-  std::vector<float> sc(a.scales().begin(), a.scales().end());
-  sc.insert(sc.end(), b.scales().begin(), b.scales().end());
-  std::vector<uint8_t> zs(a.zeros().begin(), a.zeros().end());
-  zs.insert(zs.end(), b.zeros().begin(), b.zeros().end());
-  return QuantizedMatrix::from_parts(a.rows() + b.rows(), a.cols(), a.scheme(), std::move(qw),
-                                     std::move(sc), std::move(zs), name);
-}
-
 struct MlpNames {
   std::string gate, up, down;  // gate empty: an mlp (up, down)
 };
@@ -75,28 +57,31 @@ DeviceExperts build_experts(const Checkpoint& ckpt, const std::vector<MlpNames>&
   return make_device_experts(gate, up, down, act, path);
 }
 
+// The expert MLP over rows of x: offsets null is one expert over max_rows rows (a shared expert).
+// Two GEMMs: the first applies the activation (and, GLU, multiplies by up) in its epilogue and
+// writes the fp16/bf16 input of the second; the second scales each row by row_scale (the routing
+// weights of the slots, through row_slot) when given.
 template <class TIn>
 void run_mlp_rows(const DeviceExperts& m, const TIn* x, int64_t max_rows, const int64_t* offsets,
-                  float* h, TIn* a, float* y, Stream stream) {
-  // offsets null: one expert over max_rows rows (a shared expert).
+                  TIn* a, float* y, const float* row_scale, const int32_t* row_slot,
+                  Stream stream) {
   const int64_t hid = m.hidden, inter = m.intermediate;
-  const int64_t first_cols = m.kind == MlpKind::kGlu ? 2 * inter : inter;
   const MatrixView<const TIn> xv(x, max_rows, hid);
-  const MatrixView<float> hv(h, max_rows, first_cols);
-  if (offsets != nullptr) {
-    gemm_grouped<TIn, float>(xv, m.first, offsets, hv, stream);
-  } else {
-    gemm<TIn, float>(xv, m.first, hv, stream);
-  }
-  detail::launch_activation<TIn>(h, first_cols, inter, m.kind, m.activation,
-                                 offsets != nullptr ? offsets + m.first.num_experts() : nullptr,
-                                 max_rows, a, stream);
-  const MatrixView<const TIn> av(a, max_rows, inter);
+  const MatrixView<TIn> av(a, max_rows, inter);
+  GemmEpilogue first;
+  first.activate = true;
+  first.activation = m.activation;
+  GemmEpilogue second;
+  second.row_scale = row_scale;
+  second.row_index = row_slot;
+  const MatrixView<const TIn> ain(a, max_rows, inter);
   const MatrixView<float> yv(y, max_rows, hid);
   if (offsets != nullptr) {
-    gemm_grouped<TIn, float>(av, m.down, offsets, yv, stream);
+    gemm_grouped<TIn, TIn>(xv, m.first, offsets, av, first, stream);
+    gemm_grouped<TIn, float>(ain, m.down, offsets, yv, second, stream);
   } else {
-    gemm<TIn, float>(av, m.down, yv, stream);
+    gemm<TIn, TIn>(xv, m.first, av, first, stream);
+    gemm<TIn, float>(ain, m.down, yv, second, stream);
   }
 }
 
@@ -118,8 +103,9 @@ void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
   if (max_rows > 0) {
     detail::launch_gather<TIn>(x, hidden, ws.dispatch.row_slot.as<int32_t>(), slots, offsets + e,
                                max_rows, ws.xe.as<TIn>(), stream);
-    run_mlp_rows<TIn>(experts, ws.xe.as<TIn>(), max_rows, offsets, ws.h.as<float>(), ws.a.as<TIn>(),
-                      ws.ye.as<float>(), stream);
+    run_mlp_rows<TIn>(experts, ws.xe.as<TIn>(), max_rows, offsets, ws.a.as<TIn>(),
+                      ws.ye.as<float>(), ws.routing.weights.as<float>(),
+                      ws.dispatch.row_slot.as<int32_t>(), stream);
   }
   detail::launch_combine(x, ws.ye.as<float>(), ws.dispatch.slot_row.as<int32_t>(),
                          ws.routing.weights.as<float>(), ws.routing.passthrough.as<uint8_t>(),
@@ -127,8 +113,8 @@ void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
   if (shared.empty() || tokens == 0) return;
   detail::launch_convert<TIn>(x, tokens * hidden, ws.xs.as<TIn>(), stream);
   for (const MoELayer::Shared& s : shared) {
-    run_mlp_rows<TIn>(s.mlp, ws.xs.as<TIn>(), tokens, nullptr, ws.h.as<float>(), ws.a.as<TIn>(),
-                      ws.ys.as<float>(), stream);
+    run_mlp_rows<TIn>(s.mlp, ws.xs.as<TIn>(), tokens, nullptr, ws.a.as<TIn>(), ws.ys.as<float>(),
+                      nullptr, nullptr, stream);
     detail::launch_add_shared(x, ws.ys.as<float>(),
                               s.gate.size() > 0 ? s.gate.as<float>() : nullptr, o.active, tokens,
                               hidden, y, stream);
@@ -149,7 +135,6 @@ DeviceExperts make_device_experts(std::span<const QuantizedMatrix> gate,
   d.activation = activation;
   d.hidden = up[0].cols();
   d.intermediate = up[0].rows();
-  std::vector<QuantizedMatrix> first;
   for (size_t e = 0; e < up.size(); ++e) {
     MOQE_CHECK(
         up[e].rows() == d.intermediate && up[e].cols() == d.hidden && down[e].rows() == d.hidden &&
@@ -158,10 +143,9 @@ DeviceExperts make_device_experts(std::span<const QuantizedMatrix> gate,
         "cuda::make_device_experts: expert {} does not have expert 0's shapes (up [{}, {}], "
         "down [{}, {}])",
         e, d.intermediate, d.hidden, d.hidden, d.intermediate);
-    first.push_back(gate.empty() ? up[e]
-                                 : concat_rows(gate[e], up[e], MOQE_FORMAT("expert {} gate", e)));
   }
-  d.first = DeviceQuantizedMatrix::stack(first, path);
+  d.first = gate.empty() ? DeviceQuantizedMatrix::stack(up, path)
+                         : DeviceQuantizedMatrix::stack_glu(gate, up, path);
   d.down = DeviceQuantizedMatrix::stack(down, path);
   return d;
 }
@@ -266,9 +250,8 @@ MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
   const size_t act = 2;  // fp16 or bf16
   const auto r = static_cast<size_t>(std::max<int64_t>(rows, 1));
   const auto h = static_cast<size_t>(hidden_), i = static_cast<size_t>(max_intermediate_);
-  // h serves the routed rows and, for shared experts, the tokens (rows >= tokens).
+  // a serves the routed rows and, for shared experts, the tokens (rows >= tokens).
   ws.xe = DeviceBuffer(r * h * act);
-  ws.h = DeviceBuffer(r * 2 * i * sizeof(float));
   ws.a = DeviceBuffer(r * i * act);
   ws.ye = DeviceBuffer(r * h * sizeof(float));
   if (!shared_.empty()) {

@@ -132,7 +132,8 @@ cuda::DeviceBuffer poisoned_out(Out out, int64_t count) {
 // Calls cuda::gemm or cuda::gemm_grouped with the typed views for (act, out).
 void run_gemm(Act act, Out out, const cuda::DeviceBuffer& x, int64_t m, int64_t k, int64_t ldx,
               const cuda::DeviceQuantizedMatrix& w, const int64_t* offsets, cuda::DeviceBuffer& y,
-              int64_t n, int64_t ldy, int64_t expert = 0, int64_t hint = -1) {
+              int64_t n, int64_t ldy, int64_t expert = 0, int64_t hint = -1,
+              const cuda::GemmEpilogue& epilogue = {}) {
   auto with_out = [&](auto in_tag) {
     using TIn = decltype(in_tag);
     const MatrixView<const TIn> xv(m == 0 ? nullptr : x.as<const TIn>(), m, k, ldx);
@@ -140,9 +141,9 @@ void run_gemm(Act act, Out out, const cuda::DeviceBuffer& x, int64_t m, int64_t 
       using TOut = decltype(out_tag);
       const MatrixView<TOut> yv(m == 0 ? nullptr : y.as<TOut>(), m, n, ldy);
       if (offsets != nullptr) {
-        cuda::gemm_grouped(xv, w, offsets, yv, nullptr, hint);
+        cuda::gemm_grouped(xv, w, offsets, yv, epilogue, nullptr, hint);
       } else {
-        cuda::gemm(xv, w, yv, nullptr, expert);
+        cuda::gemm(xv, w, yv, epilogue, nullptr, expert);
       }
     };
     if (out == Out::kF16) call(Half{});
@@ -226,6 +227,69 @@ int check_rows(const std::vector<float>& y, int64_t ldy, Out out, const std::vec
         FAIL_CHECK("y[" << i << ", " << j << "] = " << got << ", reference " << ref.y[ij]
                         << " (tolerance " << tol << "), CPU oracle " << cpu[ij] << " (tolerance "
                         << tol_cpu << ")");
+      }
+    }
+  }
+  return failures;
+}
+
+// The activations in double, the reference for the fp32 device formulas.
+double activate_ref(Activation a, double v) {
+  switch (a) {
+    case Activation::kSilu:
+      return v / (1.0 + std::exp(-v));
+    case Activation::kGeluTanh:
+      return 0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+    case Activation::kGelu:
+      return 0.5 * v * (1.0 + std::erf(v * 0.7071067811865476));
+    case Activation::kRelu:
+      return v > 0.0 ? v : 0.0;
+  }
+  return v;
+}
+
+// Checks rows [r0, r0 + m) of a fused-epilogue output (n columns, padding poisoned) against
+// act(x . gate^T) * (x . up^T) * scale[i] (up null: act(x . gate^T) * scale[i]; `activate` false:
+// the identity for act) in double. The bound propagates each GEMM's error bound e (as in
+// check_rows) through the epilogue: the activations' slope is at most 1.13 (GELU; SiLU 1.10,
+// ReLU 1), their fp32 formulas lose at most 2^-20 |g| (1 + erf / 1 + tanh cancel for negative g;
+// a few units of 2^-24 elsewhere), and the products and the scale add units of 2^-24 each.
+int check_epilogue_rows(const std::vector<float>& y, int64_t ldy, Out out,
+                        const std::vector<float>& x, int64_t r0, int64_t m,
+                        const QuantizedMatrix& gate, const QuantizedMatrix* up, bool activate,
+                        Activation act, const std::vector<float>& scale, cuda::GemmPath path) {
+  if (m == 0) return 0;
+  const int64_t n = gate.rows(), k = gate.cols();
+  const Reference rg = reference(x, r0, m, gate);
+  const Reference ru = up != nullptr ? reference(x, r0, m, *up) : Reference{};
+  const double u32 = std::ldexp(1.0, -23), l_act = 1.13;
+  const double l_gpu = gpu_levels(k, gate.group_size(), path);
+  const double uo = out_roundoff(out);
+  int failures = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double s = scale.empty() ? 1.0 : scale[static_cast<size_t>(r0 + i)];
+    for (int64_t j = 0; j < ldy; ++j) {
+      const double got = y[static_cast<size_t>((r0 + i) * ldy + j)];
+      if (j >= n) {
+        if (!std::isnan(got) && failures++ < 3)
+          FAIL_CHECK("row " << i << " padding column " << j << " was written: " << got);
+        continue;
+      }
+      const size_t ij = static_cast<size_t>(i * n + j);
+      const double g = rg.y[ij], eg = l_gpu * u32 * rg.abs[ij];
+      const double a = activate ? activate_ref(act, g) : g;
+      const double ea =
+          (activate ? l_act : 1.0) * eg + (activate ? std::ldexp(std::fabs(g) + eg, -20) : 0.0);
+      const double u = up != nullptr ? ru.y[ij] : 1.0;
+      const double eu = up != nullptr ? l_gpu * u32 * ru.abs[ij] : 0.0;
+      const double big_a = std::fabs(a) + ea, big_u = std::fabs(u) + eu;
+      const double want = a * u * s;
+      const double e32 =
+          (ea * big_u + big_a * eu + 3 * std::ldexp(big_a * big_u, -24)) * std::fabs(s);
+      const double tol = e32 + uo * (std::fabs(want) + e32) + out_floor(out);
+      if (std::fabs(got - want) > tol && failures++ < 3) {
+        FAIL_CHECK("y[" << i << ", " << j << "] = " << got << ", want " << want << " (gate " << g
+                        << ", up " << u << ", scale " << s << ", tolerance " << tol << ")");
       }
     }
   }
@@ -462,4 +526,110 @@ TEST_CASE("cuda gemm: path checks need no device", "[cuda]") {
              Catch::Contains("not 100"));
   CHECK(cuda::check_gemm_path(cuda::GemmPath::kSimple, QuantScheme{3, QuantMode::kAsym, 32}, 96)
             .empty());
+}
+
+TEST_CASE("cuda gemm: fused epilogues (GLU pairs, activations, row scales) against the oracle",
+          "[cuda]") {
+  MOQE_REQUIRE_DEVICE();
+  std::mt19937 rng(16);
+  std::uniform_real_distribution<float> unit(0.05f, 1.0f);
+  const Case cases[] = {{4, QuantMode::kSym, 128},
+                        {8, QuantMode::kSym, kPerChannel},
+                        {4, QuantMode::kAsym, 32},
+                        {3, QuantMode::kSymFull, 64},
+                        {2, QuantMode::kAsym, 32}};
+  const Activation acts[] = {Activation::kSilu, Activation::kGeluTanh, Activation::kGelu,
+                             Activation::kRelu};
+  int i = 0;
+  // I = 43: the last GLU tile holds 3 columns; I = 64: whole tiles. K = 96: a single warp;
+  // K = 100: the simple path only.
+  for (const Case& c : cases) {
+    for (int64_t inter : {int64_t{43}, int64_t{64}}) {
+      for (int64_t k : {int64_t{256}, int64_t{96}, int64_t{100}}) {
+        const int64_t group = c.group == kPerChannel ? k : c.group;
+        if (k % group != 0) continue;
+        std::vector<QuantizedMatrix> gate, up;
+        for (int e = 0; e < 3; ++e) {
+          gate.push_back(make_matrix(c, inter, k, rng));
+          up.push_back(make_matrix(c, inter, k, rng));
+        }
+        for (cuda::GemmPath path : {cuda::GemmPath::kAuto, cuda::GemmPath::kSimple}) {
+          const auto glu = cuda::DeviceQuantizedMatrix::stack_glu(gate, up, path);
+          const auto plain = cuda::DeviceQuantizedMatrix::stack(gate, path);
+          REQUIRE(glu.glu());
+          REQUIRE(glu.rows() == inter);
+          REQUIRE(glu.path() == plain.path());
+          // Grouped: experts of 5, 0 and 19 rows; row scales through a reversed row index.
+          const std::vector<int64_t> rows = {5, 0, 19};
+          const std::vector<int64_t> offsets = {0, 5, 5, 24};
+          const int64_t m = offsets.back(), ldy = inter + 2;
+          std::vector<float> scale_by_slot(static_cast<size_t>(m));
+          for (auto& v : scale_by_slot) v = unit(rng);
+          std::vector<int32_t> index(static_cast<size_t>(m));
+          std::vector<float> scale(static_cast<size_t>(m));  // per row, after the index
+          for (int64_t r = 0; r < m; ++r) {
+            index[static_cast<size_t>(r)] = static_cast<int32_t>(m - 1 - r);
+            scale[static_cast<size_t>(r)] = scale_by_slot[static_cast<size_t>(m - 1 - r)];
+          }
+          const cuda::DeviceBuffer od = upload(offsets), sd = upload(scale_by_slot),
+                                   id = upload(index);
+          for (bool scaled : {false, true}) {
+            const Activation act = acts[i % 4];
+            const Act in = i % 2 == 0 ? Act::kF16 : Act::kBF16;
+            const Out out = static_cast<Out>(i++ % 3);
+            INFO(c.bits << "-bit " << to_string(c.mode) << ", I = " << inter << ", K = " << k
+                        << ", path " << (glu.path() == cuda::GemmPath::kMma ? "mma" : "simple")
+                        << ", " << to_string(act) << (scaled ? ", row scales" : "") << ", x "
+                        << name(in) << ", y " << name(out));
+            cuda::GemmEpilogue epi;
+            epi.activate = true;
+            epi.activation = act;
+            if (scaled) {
+              epi.row_scale = sd.as<const float>();
+              epi.row_index = id.as<const int32_t>();
+            }
+            const std::vector<float> no_scale;
+            const std::vector<float>& want_scale = scaled ? scale : no_scale;
+            const Activations x = random_activations(in, m, k, k, rng);
+            const cuda::DeviceBuffer xd = upload(x.bits);
+            {  // GLU, grouped
+              cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
+              run_gemm(in, out, xd, m, k, k, glu, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
+                       epi);
+              const std::vector<float> y = download_out(yd, out, m * ldy);
+              for (size_t e = 0; e < rows.size(); ++e) {
+                CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
+                                          &up[e], true, act, want_scale, glu.path()) == 0);
+              }
+            }
+            {  // GLU, one expert (expert 2) over the first 19 rows; the identity activation
+              cuda::GemmEpilogue id_epi = epi;
+              id_epi.activate = false;
+              cuda::DeviceBuffer yd = poisoned_out(out, 19 * ldy);
+              run_gemm(in, out, xd, 19, k, k, glu, nullptr, yd, inter, ldy, 2, -1, id_epi);
+              CHECK(check_epilogue_rows(download_out(yd, out, 19 * ldy), ldy, out, x.values, 0, 19,
+                                        gate[2], &up[2], false, act, want_scale, glu.path()) == 0);
+            }
+            {  // a plain matrix with an activation and row scales (an MLP's first projection)
+              cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
+              run_gemm(in, out, xd, m, k, k, plain, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
+                       epi);
+              const std::vector<float> y = download_out(yd, out, m * ldy);
+              for (size_t e = 0; e < rows.size(); ++e) {
+                CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
+                                          nullptr, true, act, want_scale, plain.path()) == 0);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // A GLU matrix needs gate and up of one shape and scheme.
+  const std::vector<QuantizedMatrix> g1 = {make_matrix({4, QuantMode::kSym, 32}, 16, 64, rng)};
+  const std::vector<QuantizedMatrix> u1 = {make_matrix({4, QuantMode::kSym, 64}, 16, 64, rng)};
+  CHECK_THROWS_WITH(cuda::DeviceQuantizedMatrix::stack_glu(g1, u1),
+                    Catch::Contains("expert 0's gate"));
+  CHECK_THROWS_WITH(cuda::DeviceQuantizedMatrix::stack_glu(g1, {}),
+                    Catch::Contains("1 gate and 0 up"));
 }

@@ -4,8 +4,10 @@
 // reference's dequantized matrix bit for bit, every element exactly once.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "moqe/core/dtypes.hpp"
@@ -39,12 +41,15 @@ void code_pair(int bits, bool bf16, uint32_t v, uint32_t zero, float out[2]) {
 // W [N, K] rebuilt from the packed layout: lane (g, t) of step s holds A registers r = 0..3 with
 // elements (row g + 8 (r & 1), k slot 2t + h + 8 (r >> 1)); its B registers j = 0, 1 are words
 // 2s + j of its 16-byte activation load x[32c + 8t, +8), i.e. k slot 2t + h + 8j holds column
-// 32c + 8t + 4s + 2j + h. hits counts how often each element was produced.
-std::vector<float> rebuild(const QuantizedMatrix& q, bool bf16, std::vector<int>& hits) {
+// 32c + 8t + 4s + 2j + h. hits counts how often each element was produced. With a row map the
+// result is the packed matrix, [row_map.size(), K] (every row, padding included).
+std::vector<float> rebuild(const QuantizedMatrix& q, bool bf16, std::vector<int>& hits,
+                           std::span<const int64_t> row_map = {}) {
   namespace mma = cuda::mma;
   const int bits = q.bits();
-  const int64_t n = q.rows(), k = q.cols(), groups = q.groups_per_row(), group = q.group_size();
-  const mma::PackedWeights packed = mma::pack(q);
+  const int64_t k = q.cols(), groups = q.groups_per_row(), group = q.group_size();
+  const int64_t n = row_map.empty() ? q.rows() : static_cast<int64_t>(row_map.size());
+  const mma::PackedWeights packed = mma::pack(q, row_map);
   const int64_t tiles = (n + 15) / 16, chunks = k / 32;
   std::vector<float> w(static_cast<size_t>(n * k), -12345.0f);
   hits.assign(w.size(), 0);
@@ -122,6 +127,71 @@ TEST_CASE("cuda mma layout: packed weights decode to the reference, without a de
       }
     }
   }
+}
+
+TEST_CASE("cuda mma layout: the GLU pair layout puts gate and up of a column in one lane",
+          "[cuda]") {
+  namespace mma = cuda::mma;
+  // The epilogue's pairing: tile row g holds the gate and tile row g + 8 the up row of output
+  // column glu_output_col(tile, g); columns past I are padding.
+  for (int64_t inter : {int64_t{1}, int64_t{8}, int64_t{43}, int64_t{64}}) {
+    const std::vector<int64_t> map = mma::glu_row_map(inter);
+    REQUIRE(static_cast<int64_t>(map.size()) == 16 * ((inter + 7) / 8));
+    std::vector<int> seen(static_cast<size_t>(2 * inter), 0);
+    for (int64_t tile = 0; tile < static_cast<int64_t>(map.size()) / 16; ++tile) {
+      for (int g = 0; g < 8; ++g) {
+        const int64_t col = mma::glu_output_col(tile, g);
+        const int64_t gate = map[static_cast<size_t>(16 * tile + g)];
+        const int64_t up = map[static_cast<size_t>(16 * tile + g + 8)];
+        if (col >= inter) {
+          CHECK(gate == -1);
+          CHECK(up == -1);
+          continue;
+        }
+        CHECK(gate == col);
+        CHECK(up == inter + col);
+        ++seen[static_cast<size_t>(gate)];
+        ++seen[static_cast<size_t>(up)];
+      }
+    }
+    CHECK(std::count(seen.begin(), seen.end(), 1) == 2 * inter);  // every row exactly once
+  }
+  // The packed weights decode to those rows (zeros for padding), for every width and mode.
+  std::mt19937 rng(22);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (int bits : kSupportedBits) {
+    for (QuantMode mode : kSupportedModes) {
+      const int64_t inter = 43, k = 128;  // 6 tiles, the last one with 3 columns
+      std::vector<float> w(static_cast<size_t>(2 * inter * k));
+      for (auto& v : w) v = gauss(rng);
+      const QuantizedMatrix q =
+          quantize(MatrixView<const float>(w.data(), 2 * inter, k), QuantScheme{bits, mode, 32});
+      const std::vector<float> want = dequantize(q);
+      const std::vector<int64_t> map = mma::glu_row_map(inter);
+      for (bool bf16 : {false, true}) {
+        INFO(q.scheme().to_string() << (bf16 ? ", bf16" : ", fp16"));
+        std::vector<int> hits;
+        const std::vector<float> got = rebuild(q, bf16, hits, map);
+        size_t bad = 0, miss = 0;
+        for (size_t r = 0; r < map.size(); ++r) {
+          for (int64_t c = 0; c < k; ++c) {
+            const size_t i = r * static_cast<size_t>(k) + static_cast<size_t>(c);
+            const float expect = map[r] < 0 ? 0.0f : want[static_cast<size_t>(map[r] * k + c)];
+            bad += got[i] != expect;
+            miss += hits[i] != 1;
+          }
+        }
+        CHECK(bad == 0);
+        CHECK(miss == 0);
+      }
+    }
+  }
+  std::vector<float> w(16 * 64, 0.5f);
+  const QuantizedMatrix q = quantize(MatrixView<const float>(w.data(), 16, 64),
+                                     QuantScheme{4, QuantMode::kSym, kPerChannel});
+  const std::vector<int64_t> bad_size(8, 0), bad_row(16, 16);
+  CHECK_THROWS_WITH(mma::pack(q, bad_size), Catch::Contains("not a multiple of 16"));
+  CHECK_THROWS_WITH(mma::pack(q, bad_row), Catch::Contains("row 16"));
 }
 
 TEST_CASE("cuda mma layout: the bit trick covers every code and zero point", "[cuda]") {

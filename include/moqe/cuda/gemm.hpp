@@ -21,6 +21,7 @@
 #include "moqe/core/dtypes.hpp"
 #include "moqe/core/view.hpp"
 #include "moqe/cuda/runtime.hpp"
+#include "moqe/moe/expert.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 
 namespace moqe::cuda {
@@ -41,6 +42,22 @@ enum class GemmPath : uint8_t { kAuto, kMma, kSimple };
 // Empty when `path` can run `scheme` on rows of k weights, else the reason.
 std::string check_gemm_path(GemmPath path, const QuantScheme& scheme, int64_t k);
 
+// What the GEMM does to each fp32 output in registers before rounding it to y's type, in order:
+//   1. activation: y = act(y) when `activate` (for a GLU matrix, act of the gate value; the
+//      identity when not `activate`);
+//   2. a GLU matrix (DeviceQuantizedMatrix::stack_glu) multiplies by the up value: act(g) * u;
+//   3. row scale: y[r, :] *= row_scale[row_index ? row_index[r] : r] when row_scale is set
+//      (device arrays; r counts x's rows, across all experts for gemm_grouped): an MoE layer's
+//      routing weights, applied to its expert rows before combining.
+// Each step is one fp32 operation on the value the unfused sequence would compute, so fusing
+// changes no result.
+struct GemmEpilogue {
+  bool activate = false;
+  Activation activation = Activation::kSilu;
+  const float* row_scale = nullptr;
+  const int32_t* row_index = nullptr;
+};
+
 // One or more quantized weight matrices of the same shape and scheme, resident on the device in
 // the layout of the kernel chosen when it was built (the choice is kept, not redone per call).
 // A single matrix is a stack of one; a stack of E is an MoE layer's experts for gemm_grouped.
@@ -53,14 +70,23 @@ class DeviceQuantizedMatrix {
   // expert that differs.
   static DeviceQuantizedMatrix stack(std::span<const QuantizedMatrix> experts,
                                      GemmPath path = GemmPath::kAuto);
+  // The gate and up projections of E experts (gate[e] and up[e]: [I, K], one shape and scheme
+  // for all) as one GLU matrix: a GEMM over it computes act(x . gate^T) * (x . up^T), [M, I], in
+  // one pass (GemmEpilogue), with gate and up of an output in the same thread's registers (the
+  // pair layout of moqe/cuda/mma_layout.hpp). rows() is I.
+  static DeviceQuantizedMatrix stack_glu(std::span<const QuantizedMatrix> gate,
+                                         std::span<const QuantizedMatrix> up,
+                                         GemmPath path = GemmPath::kAuto);
 
   int64_t num_experts() const { return experts_; }
-  int64_t rows() const { return n_; }  // N, out_features
+  int64_t rows() const { return n_; }  // N, out_features (I for a GLU matrix)
   int64_t cols() const { return k_; }  // K, in_features
   const QuantScheme& scheme() const { return scheme_; }
   int64_t group_size() const { return group_; }
   // The resolved path: kMma or kSimple.
   GemmPath path() const { return path_; }
+  // True for a GLU matrix (stack_glu).
+  bool glu() const { return glu_; }
   // Device bytes held (codes, scales, zero points) for all experts.
   int64_t device_bytes() const {
     return static_cast<int64_t>(qweight_.size() + scales_.size() + zeros_.size());
@@ -68,9 +94,14 @@ class DeviceQuantizedMatrix {
 
  private:
   friend struct detail::GemmAccess;  // the launchers in cuda/ read the buffers
+  // Uploads experts ([N, K] each, or [2I, K] = [gate; up] rows for glu).
+  static DeviceQuantizedMatrix build(std::span<const QuantizedMatrix> experts, GemmPath path,
+                                     bool glu);
   int64_t experts_ = 0, n_ = 0, k_ = 0, group_ = 0;
+  int64_t tiles_ = 0;  // 16-row tiles of the mma layout
   QuantScheme scheme_{};
   GemmPath path_ = GemmPath::kSimple;
+  bool glu_ = false;
   // Codes, scales (fp16 when they all are fp16 values, as the kF16 scale type stores them; else
   // fp32) and zero points of all experts; expert e's start at e * stride (bytes for codes and
   // zeros, elements for scales).
@@ -79,13 +110,18 @@ class DeviceQuantizedMatrix {
   int64_t qweight_stride_ = 0, scales_stride_ = 0, zeros_stride_ = 0;
 };
 
-// y [M, N] = x [M, K] . W_e^T for expert `expert` of w (0 for a single matrix). x and y are device
-// memory; y may be strided; x's rows must start on 16-byte boundaries for the kMma path (row
-// stride a multiple of 8 elements, data 16-byte aligned). M = 0 is a no-op. Asynchronous on
-// `stream`; no allocation. TIn: Half or BFloat16; TOut: Half, BFloat16 or float.
+// y [M, N] = epilogue(x [M, K] . W_e^T) for expert `expert` of w (0 for a single matrix). x and
+// y are device memory; y may be strided; x's rows must start on 16-byte boundaries for the kMma
+// path (row stride a multiple of 8 elements, data 16-byte aligned). M = 0 is a no-op.
+// Asynchronous on `stream`; no allocation. TIn: Half or BFloat16; TOut: Half, BFloat16 or float.
 template <class TIn, class TOut>
 void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TOut> y,
-          Stream stream = nullptr, int64_t expert = 0);
+          const GemmEpilogue& epilogue, Stream stream = nullptr, int64_t expert = 0);
+template <class TIn, class TOut>
+void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TOut> y,
+          Stream stream = nullptr, int64_t expert = 0) {
+  gemm(x, w, y, GemmEpilogue{}, stream, expert);
+}
 
 // The grouped GEMM of an MoE layer in one launch: rows [offsets[e], offsets[e+1]) of x and y
 // belong to expert e, whose weights are w's expert e; y rows = x rows (= offsets[E], which the
@@ -95,14 +131,20 @@ void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TO
 // results never depend on it.
 template <class TIn, class TOut>
 void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
-                  MatrixView<TOut> y, Stream stream = nullptr, int64_t max_rows_hint = -1);
+                  MatrixView<TOut> y, const GemmEpilogue& epilogue, Stream stream = nullptr,
+                  int64_t max_rows_hint = -1);
+template <class TIn, class TOut>
+void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
+                  MatrixView<TOut> y, Stream stream = nullptr, int64_t max_rows_hint = -1) {
+  gemm_grouped(x, w, offsets, y, GemmEpilogue{}, stream, max_rows_hint);
+}
 
-#define MOQE_CUDA_GEMM_EXTERN(TIn, TOut)                                                     \
-  extern template void gemm<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,  \
-                                       MatrixView<TOut>, Stream, int64_t);                   \
-  extern template void gemm_grouped<TIn, TOut>(MatrixView<const TIn>,                        \
-                                               const DeviceQuantizedMatrix&, const int64_t*, \
-                                               MatrixView<TOut>, Stream, int64_t);
+#define MOQE_CUDA_GEMM_EXTERN(TIn, TOut)                                                        \
+  extern template void gemm<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,     \
+                                       MatrixView<TOut>, const GemmEpilogue&, Stream, int64_t); \
+  extern template void gemm_grouped<TIn, TOut>(                                                 \
+      MatrixView<const TIn>, const DeviceQuantizedMatrix&, const int64_t*, MatrixView<TOut>,    \
+      const GemmEpilogue&, Stream, int64_t);
 MOQE_CUDA_GEMM_EXTERN(Half, Half)
 MOQE_CUDA_GEMM_EXTERN(Half, BFloat16)
 MOQE_CUDA_GEMM_EXTERN(Half, float)

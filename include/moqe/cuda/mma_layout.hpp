@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moqe/core/config.hpp"
@@ -70,7 +71,29 @@ struct PackedWeights {
   std::vector<float> scales;     // tiles * groups * 16
   std::vector<uint8_t> zeros;    // tiles * groups * 16 (asym), else empty
 };
-// Requires K a multiple of 32 (throws moqe::Error otherwise).
-PackedWeights pack(const QuantizedMatrix& q);
+// Requires K a multiple of 32 (throws moqe::Error otherwise). `row_map`, when not empty, lists
+// for each packed row the row of q it holds (-1: a padding row of code 0, scale 0 and zero 0);
+// empty: packed row r is q's row r.
+PackedWeights pack(const QuantizedMatrix& q, std::span<const int64_t> row_map = {});
+
+// The GLU pair layout (DeviceQuantizedMatrix::stack_glu). Gate and up, [I, K] each, stacked by
+// rows as q = [gate; up] ([2I, K]), are packed so that tile t holds gate rows 8t .. 8t + 7 in its
+// rows 0..7 and the up rows of the same indices in its rows 8..15. The mma accumulators of lane
+// (g, t) hold rows g and g + 8 of a tile for the same tokens (c0, c1 and c2, c3), so each lane
+// has the gate and the up value of output column 8 tile + g in registers and applies
+// act(gate) * up without exchanging data. ceil(I / 8) tiles; the last one is padded.
+inline constexpr int kGluColsPerTile = 8;
+// Row of q = [gate; up] held by packed row `packed_row`, or -1 for padding.
+MOQE_HOST_DEVICE constexpr int64_t glu_source_row(int64_t packed_row, int64_t inter) {
+  const int64_t col = (packed_row / kTileRows) * kGluColsPerTile + packed_row % kGluColsPerTile;
+  if (col >= inter) return -1;
+  return packed_row % kTileRows < kGluColsPerTile ? col : inter + col;
+}
+// The output column whose gate (tile row g) and up (tile row g + 8) tile `tile` holds.
+MOQE_HOST_DEVICE constexpr int64_t glu_output_col(int64_t tile, int g) {
+  return tile * kGluColsPerTile + g;
+}
+// The row map of the GLU pair layout for `inter` output columns (ceil(inter / 8) tiles of 16).
+std::vector<int64_t> glu_row_map(int64_t inter);
 
 }  // namespace moqe::cuda::mma

@@ -1,14 +1,15 @@
 // An MoE layer on the GPU: the device router, dispatch by a stable radix sort of the kept slots
-// (CUB), one grouped GEMM launch per projection over all experts (gate and up fused into one
-// matrix, GLU between the two launches), combine with the routing weights, and the shared experts.
+// (CUB), one grouped GEMM launch per projection over all experts (gate and up in one GLU matrix
+// whose epilogue applies act(gate) * up; the down projection's epilogue scales each row by its
+// routing weight), a combine that sums each token's rows, and the shared experts.
 // Weights are uploaded once; make_workspace plans every buffer once; run() allocates nothing and
 // is asynchronous on its stream. No CUDA header is needed to include this file.
 //
 // Numerics: activations enter the GEMMs as fp16 (or bf16), rounded once when gathered and once
 // after the activation function; everything else (logits, routing weights, GEMM accumulation,
-// GLU, combine) is fp32. Against the CPU layer (moqe::MoELayer) on the same weights, outputs agree
-// to those two roundings (relative error of order 2^-11 for fp16); routing agrees except where two
-// experts' logits are within fp32 summation error of each other.
+// GLU, routing-weight scaling, combine) is fp32. Against the CPU layer (moqe::MoELayer) on the same
+// weights, outputs agree to those two roundings (relative error of order 2^-11 for fp16); routing
+// agrees except where two experts' logits are within fp32 summation error of each other.
 #pragma once
 
 #include <cstdint>
@@ -55,12 +56,12 @@ struct DeviceExperts {
   MlpKind kind = MlpKind::kGlu;
   Activation activation = Activation::kSilu;
   int64_t hidden = 0, intermediate = 0;
-  DeviceQuantizedMatrix first;  // [2I, H] gate rows then up rows (glu), or [I, H] up (mlp)
+  DeviceQuantizedMatrix first;  // gate and up as a GLU matrix (glu), or [I, H] up (mlp)
   DeviceQuantizedMatrix down;   // [H, I]
 };
 
 // E experts from host matrices of one shape and scheme: gate and up [I, H] (gate empty: an mlp
-// of up alone), down [H, I]. Gate and up are fused by rows into one [2I, H] matrix per expert.
+// of up alone), down [H, I]. Gate and up become one GLU matrix (DeviceQuantizedMatrix::stack_glu).
 DeviceExperts make_device_experts(std::span<const QuantizedMatrix> gate,
                                   std::span<const QuantizedMatrix> up,
                                   std::span<const QuantizedMatrix> down, Activation activation,
@@ -73,9 +74,8 @@ class MoELayer {
     DeviceRouting routing;
     DeviceDispatch dispatch;
     DeviceBuffer xe;  // [T * slots, H] activations of the routed rows (fp16/bf16)
-    DeviceBuffer h;   // [T * slots, 2I] fp32 first-projection outputs (and shared experts')
-    DeviceBuffer a;   // [T * slots, I] activations after GLU (fp16/bf16)
-    DeviceBuffer ye;  // [T * slots, H] fp32 expert outputs
+    DeviceBuffer a;   // [T * slots, I] activations after GLU (fp16/bf16; shared experts' too)
+    DeviceBuffer ye;  // [T * slots, H] fp32 expert outputs scaled by their routing weights
     DeviceBuffer xs;  // [T, H] fp16/bf16 copy of x for the shared experts
     DeviceBuffer ys;  // [T, H] fp32 shared expert output
   };
