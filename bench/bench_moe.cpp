@@ -3,6 +3,8 @@
 // experts, top-6, as DeepSeek-V2-Lite / Qwen-MoE). The layer's expert weights exceed the last-level
 // cache and the inputs rotate among 16 batches, so the experts read are cold. bytes_per_second
 // counts the weight bytes of the experts the batch routes to (what the layer must read).
+// Weights: f16, w8_channel, w4_g128, w3_g64, w2_g128 (exact numerics) and w4_g128_fast (fast mode:
+// activations quantized to int8 per 32-block, see BM_Gemv).
 #include <benchmark/benchmark.h>
 
 #include <map>
@@ -38,8 +40,10 @@ moqe::QuantizedLinear make_linear(const std::string& weights, int64_t n, int64_t
   if (weights == "w8_channel") s = {8, moqe::QuantMode::kSym, moqe::kPerChannel};
   if (weights == "w3_g64") s = {3, moqe::QuantMode::kSym, 64};
   if (weights == "w2_g128") s = {2, moqe::QuantMode::kSym, 128};
+  const bool fast = weights == "w4_g128_fast";  // int8 activations (Numerics::kFast)
   return moqe::QuantizedLinear::from_quantized(
-      moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), s));
+      moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), s),
+      fast ? moqe::Numerics::kFast : moqe::Numerics::kExact);
 }
 
 Layer& get_layer(const Shape& shape, const std::string& weights) {
@@ -101,7 +105,7 @@ void BM_MoeLayer(benchmark::State& state, const Shape& shape, const std::string&
 const bool registered = [] {
   const Shape shapes[] = {{"mixtral", 4096, 14336, 8, 2}, {"e64k6", 2048, 1408, 64, 6}};
   for (const Shape& s : shapes) {
-    for (const char* w : {"f16", "w8_channel", "w4_g128", "w3_g64", "w2_g128"}) {
+    for (const char* w : {"f16", "w8_channel", "w4_g128", "w3_g64", "w2_g128", "w4_g128_fast"}) {
       const std::string name = "BM_MoeLayer/" + s.name + "/" + w;
       benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, s, std::string(w))
           ->ArgName("tokens")

@@ -17,8 +17,15 @@ namespace moqe::detail {
 // the lanes' fields follow each other (LSB first). Widened to eight 32-bit lanes, code j of every
 // lane is one shift and one mask away, and the eight codes line up with x[8j .. 8j + 7], so no
 // shuffle is needed after the load (3-bit blocks need one byte shuffle and a variable shift).
+//
+// Fast mode's 4-bit layout (`paired`, rows of an even number of blocks): blocks 2b and 2b + 1 of
+// a row share 32 bytes, byte t holding the code at position t of block 2b in its low nibble and
+// that of block 2b + 1 in its high nibble, where position t = 4i + j is column 8j + i, the order
+// of the quantized activations (QuantizedX). One load, one shift and two masks give both blocks'
+// code bytes lined up with the activation bytes.
 struct PackedQuant {
   int bits = 0;
+  bool paired = false;
   int64_t n = 0, k = 0;
   int64_t group = 0, groups = 0;  // group size and groups per row
   int64_t block_bytes = 0, row_bytes = 0;
@@ -47,8 +54,11 @@ bool can_pack(const QuantizedMatrix& q);
 PackedQuant pack(const QuantizedMatrix& q);
 // Row n dequantized exactly as the reference does: (code - zero) * scale.
 void decode_row(const PackedQuant& p, int64_t n, float* out);
-// Rows of a, then rows of b (same bits, K and group size).
+// Rows of a, then rows of b (same bits, K, group size and layout).
 PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
+// Fast mode's paired 4-bit layout of p (see PackedQuant); can_pair says when it applies.
+bool can_pair(const PackedQuant& p);
+PackedQuant pair_blocks(const PackedQuant& p);
 
 // y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
 using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
@@ -84,7 +94,8 @@ struct KernelTable {
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
-FastKernel fast_kernel_avx2(int bits, int mcount);
+// `paired`: the kernel for the paired 4-bit layout.
+FastKernel fast_kernel_avx2(int bits, int mcount, bool paired);
 #endif
 
 }  // namespace moqe::detail

@@ -67,9 +67,12 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     numerics_ = requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)
                     ? Numerics::kFast
                     : Numerics::kExact;
+    if (numerics_ == Numerics::kFast && detail::can_pair(*packed_) && !packed_->paired) {
+      packed_ = std::make_shared<const detail::PackedQuant>(detail::pair_blocks(*packed_));
+    }
     for (int m = 1; m <= 4; ++m) {
       if (numerics_ == Numerics::kFast) {
-        table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m);
+        table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m, packed_->paired);
       } else {
         table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m);
       }
@@ -92,7 +95,8 @@ bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear
   if (a.is_quantized()) {
     return a.scheme_.bits == b.scheme_.bits && a.scheme_.mode == b.scheme_.mode &&
            a.scheme_.scale_type == b.scheme_.scale_type && a.group_ == b.group_ &&
-           (a.packed_ != nullptr) == (b.packed_ != nullptr);
+           (a.packed_ != nullptr) == (b.packed_ != nullptr) &&
+           (a.packed_ == nullptr || a.packed_->paired == b.packed_->paired);
   }
   return true;
 }

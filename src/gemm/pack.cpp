@@ -64,9 +64,46 @@ PackedQuant pack(const QuantizedMatrix& q) {
   return p;
 }
 
+bool can_pair(const PackedQuant& p) { return p.bits == 4 && (p.k / 32) % 2 == 0; }
+
+PackedQuant pair_blocks(const PackedQuant& p) {
+  MOQE_CHECK(can_pair(p) && !p.paired, "pair_blocks: {}-bit rows of {} blocks{}", p.bits, p.k / 32,
+             p.paired ? " (already paired)" : "");
+  PackedQuant out = p;
+  out.paired = true;
+  parallel_for(p.n, 0, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* in = p.data.data() + r * p.row_bytes;
+      uint8_t* dst = out.data.data() + r * p.row_bytes;
+      // Nibble t of a 16-byte block is the code at position t (lane t / 4, code t % 4).
+      for (int64_t pair = 0; pair < p.k / 64; ++pair, in += 32, dst += 32) {
+        for (int t = 0; t < 32; ++t) {
+          const int lo = (in[t / 2] >> (4 * (t % 2))) & 0xf;
+          const int hi = (in[16 + t / 2] >> (4 * (t % 2))) & 0xf;
+          dst[t] = static_cast<uint8_t>(lo | (hi << 4));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 void decode_row(const PackedQuant& p, int64_t n, float* out) {
   const int b = p.bits, field = 4 * b;
   const uint8_t* row = p.data.data() + n * p.row_bytes;
+  if (p.paired) {
+    for (int64_t blk = 0; blk < p.k / 32; ++blk) {
+      const uint8_t* pair = row + (blk / 2) * 32;
+      const int64_t g = (32 * blk) / p.group;
+      const float s = p.scale_at(n * p.groups + g);
+      const int z = p.zero_at(n * p.groups + g);
+      for (int t = 0; t < 32; ++t) {
+        const uint32_t code = (pair[t] >> (4 * (blk % 2))) & 0xfu;
+        out[32 * blk + 8 * (t % 4) + t / 4] = dequantize_code(code, z, s);
+      }
+    }
+    return;
+  }
   for (int64_t blk = 0; blk < p.k / 32; ++blk) {
     const uint8_t* in = row + blk * p.block_bytes;
     const int64_t g = (32 * blk) / p.group;
@@ -84,8 +121,8 @@ void decode_row(const PackedQuant& p, int64_t n, float* out) {
 
 PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b) {
   MOQE_CHECK(a.bits == b.bits && a.k == b.k && a.group == b.group && a.f16_scales == b.f16_scales &&
-                 a.zero.empty() == b.zero.empty(),
-             "concat_rows: packed weights differ in bits, K, group size or scheme");
+                 a.zero.empty() == b.zero.empty() && a.paired == b.paired,
+             "concat_rows: packed weights differ in bits, K, group size, scheme or layout");
   PackedQuant c = a;
   c.n = a.n + b.n;
   c.data.resize(static_cast<size_t>(a.n * a.row_bytes));

@@ -193,6 +193,39 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
       }
     }
   }
+  // Fast mode's paired 4-bit layout (rows of an even number of blocks) decodes to the reference,
+  // fuses only with layers of the same layout, and a fused layer computes each part's rows.
+  {
+    const int64_t n = 13, k = 320;  // 10 blocks: 5 pairs
+    const auto wa = randn(static_cast<size_t>(n * k), 7), wb = randn(static_cast<size_t>(n * k), 8);
+    const QuantScheme s{4, QuantMode::kAsym, 32};  // pairs span two groups
+    const QuantizedMatrix qa = quantize(MatrixView<const float>(wa.data(), n, k), s);
+    const QuantizedMatrix qb = quantize(MatrixView<const float>(wb.data(), n, k), s);
+    const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
+    const QuantizedLinear fa = QuantizedLinear::from_quantized(qa, Numerics::kFast);
+    const QuantizedLinear fb = QuantizedLinear::from_quantized(qb, Numerics::kFast);
+    const QuantizedLinear ea = QuantizedLinear::from_quantized(qa);
+    CHECK(fa.to_f32() == dequantize(qa));
+    CHECK(fa.weight_bytes() == ea.weight_bytes());
+    CHECK_FALSE(QuantizedLinear::can_concat(fa, ea));
+    REQUIRE(QuantizedLinear::can_concat(fa, fb));
+    const QuantizedLinear fab = QuantizedLinear::concat_rows(fa, fb);
+    CHECK(fab.numerics() == Numerics::kFast);
+    const auto x = randn(static_cast<size_t>(3 * k), 9);
+    std::vector<float> y(static_cast<size_t>(3 * 2 * n)), ya(static_cast<size_t>(3 * n)),
+        yb(ya.size());
+    fab.forward(MatrixView<const float>(x.data(), 3, k), MatrixView<float>(y.data(), 3, 2 * n), 2);
+    fa.forward(MatrixView<const float>(x.data(), 3, k), MatrixView<float>(ya.data(), 3, n), 2);
+    fb.forward(MatrixView<const float>(x.data(), 3, k), MatrixView<float>(yb.data(), 3, n), 2);
+    int differ = 0;
+    for (int64_t m = 0; m < 3; ++m) {
+      for (int64_t r = 0; r < n; ++r) {
+        differ += y[static_cast<size_t>(m * 2 * n + r)] != ya[static_cast<size_t>(m * n + r)];
+        differ += y[static_cast<size_t>(m * 2 * n + n + r)] != yb[static_cast<size_t>(m * n + r)];
+      }
+    }
+    CHECK(differ == 0);
+  }
   // Widths fast mode does not cover run exact.
   const auto wv = randn(4 * 64, 1);
   const QuantizedMatrix q3 =
