@@ -240,16 +240,26 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
     const void* dense = f32_    ? static_cast<const void*>(f32_->data())
                         : half_ ? static_cast<const void*>(half_->data())
                                 : nullptr;
-    for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
-      const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
-      if (kt.fast[mc - 1] != nullptr) {
-        kt.fast[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), n0, n1);
-      } else if (kt.quant[mc - 1] != nullptr) {
-        kt.quant[mc - 1](*packed_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), n0,
-                         n1);
-      } else {
-        kt.dense[mc - 1](dense, k_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), n0,
-                         n1);
+    // The kernels take activation rows four at a time and stream W once per four. With more
+    // rows, W goes in blocks of rows small enough to stay in the L2 cache (~96 KiB) while every
+    // group of four activation rows passes over them, so W is read from memory once. Each output
+    // is still computed by the same kernel over the same rows: blocking changes no result.
+    const int64_t row_bytes =
+        packed_ ? packed_->row_bytes : k_ * static_cast<int64_t>(f32_ ? sizeof(float) : 2);
+    const int64_t block = m_count <= 4 ? n1 - n0 : std::max<int64_t>(16, (96 << 10) / row_bytes);
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+      const int64_t b1 = std::min(n1, b0 + block);
+      for (int64_t m0 = 0; m0 < m_count; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
+        if (kt.fast[mc - 1] != nullptr) {
+          kt.fast[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), b0, b1);
+        } else if (kt.quant[mc - 1] != nullptr) {
+          kt.quant[mc - 1](*packed_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), b0,
+                           b1);
+        } else {
+          kt.dense[mc - 1](dense, k_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), b0,
+                           b1);
+        }
       }
     }
     return;
