@@ -63,6 +63,11 @@ PackedQuant pair_blocks(const PackedQuant& p);
 // y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
 using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
                              float* y, int64_t ldy, int64_t n0, int64_t n1);
+// The same for any number of activation rows m, tiled for many rows (exact mode).
+using QuantGemmKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int64_t m,
+                                 float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Activation rows from which forward_rows uses the QuantGemmKernel.
+inline constexpr int64_t kQuantGemmMinRows = 12;
 enum class DenseKind : uint8_t { kF32, kF16, kBF16 };
 // Dense rows of K elements (fp32, or fp16/bf16 bit patterns) at w.
 using DenseKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int mcount,
@@ -87,12 +92,14 @@ using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m
 // is built, so a call indexes a table instead of switching on bits, mode and storage.
 struct KernelTable {
   QuantKernel quant[4] = {};
+  QuantGemmKernel quant_gemm = nullptr;
   FastKernel fast[4] = {};
   DenseKernel dense[4] = {};
 };
 
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount);
+QuantGemmKernel quant_gemm_kernel_avx2(int bits);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
 // `paired`: the kernel for the paired 4-bit layout.
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired);

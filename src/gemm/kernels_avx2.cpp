@@ -4,6 +4,9 @@
 // per group.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "cpu_kernels.hpp"
 
 namespace moqe::detail {
@@ -103,6 +106,108 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
       }
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
+  }
+}
+
+// Exact mode for many activation rows: a register-tiled GEMM. For each block of four weight rows
+// and each chunk of K (whole groups, at most 512 columns, or one per-channel row), the rows' levels
+// (code - zero, exact in fp32) are decoded once into an L1-resident buffer; then every pair of
+// activation rows runs a 2 x 4 tile of accumulators over it (8 FMAs per 6 loads), one group at a
+// time, and adds the group's partial sums times the group's scale into the outputs' running
+// totals (kept in memory, one vector per output). The numerics are exact mode's (per-group fp32
+// sums of x (q - z), scaled once per group); only the summation order differs from quant_kernel.
+constexpr int kGemmRows = 4;  // weight rows per block
+constexpr int64_t kGemmChunk = 512;
+
+template <int MR>
+inline void gemm_tile(const float* x, int64_t ldx, const float* lev, int64_t lev_stride, int64_t k0,
+                      int64_t k1, __m256 (&part)[MR][kGemmRows]) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < kGemmRows; ++j) part[i][j] = _mm256_setzero_ps();
+  }
+  for (int64_t k = k0; k < k1; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < kGemmRows; ++j) {
+      const __m256 wv = _mm256_load_ps(lev + j * lev_stride + k - k0);
+      for (int i = 0; i < MR; ++i) part[i][j] = _mm256_fmadd_ps(xv[i], wv, part[i][j]);
+    }
+  }
+}
+
+template <int B>
+void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_t m, float* y,
+                       int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t group = w.group, k = w.k;
+  const int64_t chunk = group >= kGemmChunk ? group : (kGemmChunk / group) * group;
+  // Grown once per thread: levels [4][chunk] (32-byte aligned rows) and totals [m][4].
+  thread_local std::vector<__m256> lev_store, totals_store;
+  if (lev_store.size() < static_cast<size_t>(kGemmRows * chunk / 8)) {
+    lev_store.resize(static_cast<size_t>(kGemmRows * chunk / 8));
+  }
+  if (totals_store.size() < static_cast<size_t>(m * kGemmRows)) {
+    totals_store.resize(static_cast<size_t>(m * kGemmRows));
+  }
+  float* lev = reinterpret_cast<float*>(lev_store.data());
+  __m256* totals = totals_store.data();
+  for (int64_t nb = n0; nb < n1; nb += kGemmRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, n1 - nb));
+    for (int64_t i = 0; i < m * kGemmRows; ++i) totals[i] = _mm256_setzero_ps();
+    for (int64_t c0 = 0; c0 < k; c0 += chunk) {
+      const int64_t c1 = std::min(k, c0 + chunk);
+      // Levels of the block's rows over [c0, c1); missing rows (the last block) are zeros.
+      for (int j = 0; j < kGemmRows; ++j) {
+        float* dst = lev + j * chunk;
+        if (j >= rows) {
+          for (int64_t c = 0; c < c1 - c0; c += 8) _mm256_store_ps(dst + c, _mm256_setzero_ps());
+          continue;
+        }
+        const uint8_t* blk = w.data.data() + (nb + j) * w.row_bytes + (c0 / 32) * w.block_bytes;
+        for (int64_t c = c0; c < c1; c += 32, blk += w.block_bytes) {
+          const __m256i z = _mm256_set1_epi32(w.zero_at((nb + j) * w.groups + c / group));
+          __m256i cv[4];
+          extract<B>(blk, cv);
+          for (int q = 0; q < 4; ++q) {
+            _mm256_store_ps(dst + (c - c0) + 8 * q, _mm256_cvtepi32_ps(_mm256_sub_epi32(cv[q], z)));
+          }
+        }
+      }
+      // Every group in the chunk, for every pair of activation rows.
+      for (int64_t g0 = c0; g0 < c1; g0 += group) {
+        const int64_t g1 = std::min(c1, g0 + group), gi = g0 / group;
+        __m256 s[kGemmRows];
+        for (int j = 0; j < kGemmRows; ++j) {
+          s[j] = _mm256_set1_ps(j < rows ? scale_at(w, (nb + j) * w.groups + gi) : 0.0f);
+        }
+        const float* lg = lev + (g0 - c0);
+        auto flush = [&](int64_t i0, auto& part, int mr) {
+          for (int i = 0; i < mr; ++i) {
+            for (int j = 0; j < kGemmRows; ++j) {
+              __m256& t = totals[(i0 + i) * kGemmRows + j];
+              t = _mm256_fmadd_ps(s[j], part[i][j], t);
+            }
+          }
+        };
+        int64_t i0 = 0;
+        for (; i0 + 3 <= m; i0 += 3) {
+          __m256 part[3][kGemmRows];
+          gemm_tile<3>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
+          flush(i0, part, 3);
+        }
+        if (m - i0 == 2) {
+          __m256 part[2][kGemmRows];
+          gemm_tile<2>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
+          flush(i0, part, 2);
+        } else if (m - i0 == 1) {
+          __m256 part[1][kGemmRows];
+          gemm_tile<1>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
+          flush(i0, part, 1);
+        }
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int j = 0; j < rows; ++j) y[i * ldy + nb + j] = hsum(totals[i * kGemmRows + j]);
+    }
   }
 }
 
@@ -337,6 +442,19 @@ FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {
     }
   }
   return bits == 8 ? pick_fast<8>(mcount) : pick_fast<4>(mcount);
+}
+
+QuantGemmKernel quant_gemm_kernel_avx2(int bits) {
+  switch (bits) {
+    case 2:
+      return quant_gemm_kernel<2>;
+    case 3:
+      return quant_gemm_kernel<3>;
+    case 4:
+      return quant_gemm_kernel<4>;
+    default:
+      return quant_gemm_kernel<8>;
+  }
 }
 
 QuantKernel quant_kernel_avx2(int bits, int mcount) {

@@ -77,6 +77,9 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
         table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m);
       }
     }
+    if (numerics_ == Numerics::kExact) {
+      table->quant_gemm = detail::quant_gemm_kernel_avx2(scheme_.bits);
+    }
   } else {
     const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
                                    : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
@@ -237,6 +240,10 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
   if (m_count == 0 || n0 >= n1) return;
   if (kernels_) {
     const detail::KernelTable& kt = *kernels_;
+    if (kt.quant_gemm != nullptr && m_count >= detail::kQuantGemmMinRows) {
+      kt.quant_gemm(*packed_, x.data(), x.row_stride(), m_count, y.data(), y.row_stride(), n0, n1);
+      return;
+    }
     const void* dense = f32_    ? static_cast<const void*>(f32_->data())
                         : half_ ? static_cast<const void*>(half_->data())
                                 : nullptr;
