@@ -78,8 +78,9 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
             REQUIRE(fast.isa() == CpuIsa::kAvx2);
             REQUIRE(ref.isa() == CpuIsa::kReference);
             CAPTURE(k, s.to_string());
-            // 9, 17 and 64 rows: the tiled GEMM (odd and even row counts, N not a multiple of
-            // its four-row blocks, K in chunks of whole groups or one per-channel row).
+            // 17 and 64 rows: the tiled GEMM of exact mode (kQuantGemmMinRows; row counts with
+            // and without a remainder of its three-row tiles, N not a multiple of its four-row
+            // blocks, K in chunks of whole groups or one per-channel row).
             for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++);
           }
         }
