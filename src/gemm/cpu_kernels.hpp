@@ -66,12 +66,16 @@ using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, 
 // The same for any number of activation rows m, tiled for many rows (exact mode).
 using QuantGemmKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int64_t m,
                                  float* y, int64_t ldy, int64_t n0, int64_t n1);
-// Activation rows from which forward_rows uses the QuantGemmKernel.
-inline constexpr int64_t kQuantGemmMinRows = 12;
+// Activation rows from which forward_rows uses the tiled GEMMs (QuantGemmKernel,
+// DenseGemmKernel).
+inline constexpr int64_t kGemmMinRows = 12;
 enum class DenseKind : uint8_t { kF32, kF16, kBF16 };
 // Dense rows of K elements (fp32, or fp16/bf16 bit patterns) at w.
 using DenseKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int mcount,
                              float* y, int64_t ldy, int64_t n0, int64_t n1);
+// The same for any number of activation rows, tiled for many; K a multiple of 8.
+using DenseGemmKernel = void (*)(const void* w, int64_t k, const float* x, int64_t ldx, int64_t m,
+                                 float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Fast mode: activations quantized per 32-block to int8 once per call (QuantizedX), then integer
 // dot products per block, scaled by the block's activation scale and the group's weight scale.
@@ -93,6 +97,7 @@ using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m
 struct KernelTable {
   QuantKernel quant[4] = {};
   QuantGemmKernel quant_gemm = nullptr;
+  DenseGemmKernel dense_gemm = nullptr;
   FastKernel fast[4] = {};
   DenseKernel dense[4] = {};
 };
@@ -101,6 +106,7 @@ struct KernelTable {
 QuantKernel quant_kernel_avx2(int bits, int mcount);
 QuantGemmKernel quant_gemm_kernel_avx2(int bits);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
+DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind);
 // `paired`: the kernel for the paired 4-bit layout.
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired);
 #endif

@@ -109,13 +109,15 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
   }
 }
 
-// Exact mode for many activation rows: a register-tiled GEMM. For each block of four weight rows
-// and each chunk of K (whole groups, at most 512 columns, or one per-channel row), the rows' levels
-// (code - zero, exact in fp32) are decoded once into an L1-resident buffer; then every pair of
-// activation rows runs a 2 x 4 tile of accumulators over it (8 FMAs per 6 loads), one group at a
-// time, and adds the group's partial sums times the group's scale into the outputs' running
-// totals (kept in memory, one vector per output). The numerics are exact mode's (per-group fp32
-// sums of x (q - z), scaled once per group); only the summation order differs from quant_kernel.
+// Many activation rows: a register-tiled GEMM. For each block of four weight rows and each chunk
+// of K (whole groups of at most 512 columns, or one group), the rows' weights are decoded once into
+// an L1-resident buffer: for quantized weights their levels (code - zero, exact in fp32), for
+// dense ones the fp32 values. Every three activation rows then run a 3 x 4 tile of accumulators
+// over it (12 FMAs per 7 loads; twelve independent chains cover the FMA latency), one group at a
+// time, and add the group's partial sums times the group's scale into the outputs' running totals
+// (in memory, one vector per output; dense weights have scale 1 and groups of 512). Quantized, the
+// numerics are exact mode's (per-group fp32 sums of x (q - z), scaled once per group); only the
+// summation order differs from quant_kernel and dense_kernel.
 constexpr int kGemmRows = 4;  // weight rows per block
 constexpr int64_t kGemmChunk = 512;
 
@@ -135,12 +137,13 @@ inline void gemm_tile(const float* x, int64_t ldx, const float* lev, int64_t lev
   }
 }
 
-template <int B>
-void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_t m, float* y,
-                       int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t group = w.group, k = w.k;
+// decode(row, c0, c1, dst): weight row `row` over columns [c0, c1) into dst (32-byte aligned);
+// scale(row, gi): the scale of group gi of the row. k and group are multiples of 8.
+template <class Decode, class Scale>
+void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t group, const float* x,
+                int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t chunk = group >= kGemmChunk ? group : (kGemmChunk / group) * group;
-  // Grown once per thread: levels [4][chunk] (32-byte aligned rows) and totals [m][4].
+  // Grown once per thread: weights [4][chunk] (32-byte aligned rows) and totals [m][4].
   thread_local std::vector<__m256> lev_store, totals_store;
   if (lev_store.size() < static_cast<size_t>(kGemmRows * chunk / 8)) {
     lev_store.resize(static_cast<size_t>(kGemmRows * chunk / 8));
@@ -155,29 +158,21 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
     for (int64_t i = 0; i < m * kGemmRows; ++i) totals[i] = _mm256_setzero_ps();
     for (int64_t c0 = 0; c0 < k; c0 += chunk) {
       const int64_t c1 = std::min(k, c0 + chunk);
-      // Levels of the block's rows over [c0, c1); missing rows (the last block) are zeros.
+      // The block's rows over [c0, c1); missing rows (the last block) are zeros.
       for (int j = 0; j < kGemmRows; ++j) {
         float* dst = lev + j * chunk;
-        if (j >= rows) {
+        if (j < rows) {
+          decode(nb + j, c0, c1, dst);
+        } else {
           for (int64_t c = 0; c < c1 - c0; c += 8) _mm256_store_ps(dst + c, _mm256_setzero_ps());
-          continue;
-        }
-        const uint8_t* blk = w.data.data() + (nb + j) * w.row_bytes + (c0 / 32) * w.block_bytes;
-        for (int64_t c = c0; c < c1; c += 32, blk += w.block_bytes) {
-          const __m256i z = _mm256_set1_epi32(w.zero_at((nb + j) * w.groups + c / group));
-          __m256i cv[4];
-          extract<B>(blk, cv);
-          for (int q = 0; q < 4; ++q) {
-            _mm256_store_ps(dst + (c - c0) + 8 * q, _mm256_cvtepi32_ps(_mm256_sub_epi32(cv[q], z)));
-          }
         }
       }
-      // Every group in the chunk, for every pair of activation rows.
+      // Every group in the chunk, for every three activation rows.
       for (int64_t g0 = c0; g0 < c1; g0 += group) {
         const int64_t g1 = std::min(c1, g0 + group), gi = g0 / group;
         __m256 s[kGemmRows];
         for (int j = 0; j < kGemmRows; ++j) {
-          s[j] = _mm256_set1_ps(j < rows ? scale_at(w, (nb + j) * w.groups + gi) : 0.0f);
+          s[j] = _mm256_set1_ps(j < rows ? scale(nb + j, gi) : 0.0f);
         }
         const float* lg = lev + (g0 - c0);
         auto flush = [&](int64_t i0, auto& part, int mr) {
@@ -209,6 +204,24 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
       for (int j = 0; j < rows; ++j) y[i * ldy + nb + j] = hsum(totals[i * kGemmRows + j]);
     }
   }
+}
+
+template <int B>
+void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_t m, float* y,
+                       int64_t ldy, int64_t n0, int64_t n1) {
+  auto decode = [&](int64_t row, int64_t c0, int64_t c1, float* dst) {
+    const uint8_t* blk = w.data.data() + row * w.row_bytes + (c0 / 32) * w.block_bytes;
+    for (int64_t c = c0; c < c1; c += 32, blk += w.block_bytes) {
+      const __m256i z = _mm256_set1_epi32(w.zero_at(row * w.groups + c / w.group));
+      __m256i cv[4];
+      extract<B>(blk, cv);
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_ps(dst + (c - c0) + 8 * q, _mm256_cvtepi32_ps(_mm256_sub_epi32(cv[q], z)));
+      }
+    }
+  };
+  auto scale = [&](int64_t row, int64_t gi) { return scale_at(w, row * w.groups + gi); };
+  tiled_gemm(decode, scale, w.k, w.group, x, ldx, m, y, ldy, n0, n1);
 }
 
 template <int B>
@@ -282,6 +295,18 @@ void dense_kernel(const void* w, int64_t k, const float* x, int64_t ldx, int /*m
       y[m * ldy + n] = s;
     }
   }
+}
+
+template <DenseKind D>
+void dense_gemm_kernel(const void* w, int64_t k, const float* x, int64_t ldx, int64_t m, float* y,
+                       int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr size_t es = D == DenseKind::kF32 ? 4 : 2;
+  auto decode = [&](int64_t row, int64_t c0, int64_t c1, float* dst) {
+    const void* r = static_cast<const uint8_t*>(w) + static_cast<size_t>(row * k) * es;
+    for (int64_t c = c0; c < c1; c += 8) _mm256_store_ps(dst + (c - c0), load_w<D>(r, c));
+  };
+  auto scale = [](int64_t, int64_t) { return 1.0f; };
+  tiled_gemm(decode, scale, k, kGemmChunk, x, ldx, m, y, ldy, n0, n1);
 }
 
 template <DenseKind D>
@@ -467,6 +492,17 @@ QuantKernel quant_kernel_avx2(int bits, int mcount) {
       return pick_quant<4>(mcount);
     default:
       return pick_quant<8>(mcount);
+  }
+}
+
+DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind) {
+  switch (kind) {
+    case DenseKind::kF32:
+      return dense_gemm_kernel<DenseKind::kF32>;
+    case DenseKind::kF16:
+      return dense_gemm_kernel<DenseKind::kF16>;
+    default:
+      return dense_gemm_kernel<DenseKind::kBF16>;
   }
 }
 

@@ -85,6 +85,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
                                    : storage_ == WeightStorage::kF16 ? detail::DenseKind::kF16
                                                                      : detail::DenseKind::kBF16;
     for (int m = 1; m <= 4; ++m) table->dense[m - 1] = detail::dense_kernel_avx2(kind, m);
+    if (k_ % 8 == 0) table->dense_gemm = detail::dense_gemm_kernel_avx2(kind);
   }
   kernels_ = std::move(table);
   isa_ = CpuIsa::kAvx2;
@@ -240,13 +241,21 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
   if (m_count == 0 || n0 >= n1) return;
   if (kernels_) {
     const detail::KernelTable& kt = *kernels_;
-    if (kt.quant_gemm != nullptr && m_count >= detail::kQuantGemmMinRows) {
-      kt.quant_gemm(*packed_, x.data(), x.row_stride(), m_count, y.data(), y.row_stride(), n0, n1);
-      return;
-    }
     const void* dense = f32_    ? static_cast<const void*>(f32_->data())
                         : half_ ? static_cast<const void*>(half_->data())
                                 : nullptr;
+    if (m_count >= detail::kGemmMinRows) {
+      if (kt.quant_gemm != nullptr) {
+        kt.quant_gemm(*packed_, x.data(), x.row_stride(), m_count, y.data(), y.row_stride(), n0,
+                      n1);
+        return;
+      }
+      if (kt.dense_gemm != nullptr) {
+        kt.dense_gemm(dense, k_, x.data(), x.row_stride(), m_count, y.data(), y.row_stride(), n0,
+                      n1);
+        return;
+      }
+    }
     // The kernels take activation rows four at a time and stream W once per four. With more
     // rows, W goes in blocks of rows small enough to stay in the L2 cache (~96 KiB) while every
     // group of four activation rows passes over them, so W is read from memory once. Each output

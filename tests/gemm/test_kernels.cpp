@@ -94,7 +94,7 @@ TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm]
     WARN("SKIPPED: this CPU has no AVX2 kernels");
     return;
   }
-  for (int64_t k : {1, 7, 33, 100, 1024}) {
+  for (int64_t k : {1, 7, 33, 100, 1024, 1400}) {
     const int64_t n = 19;
     const auto wv = randn(static_cast<size_t>(n * k), static_cast<uint32_t>(k));
     std::vector<uint16_t> h(wv.size()), b(wv.size());
@@ -112,7 +112,9 @@ TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm]
       const QuantizedLinear fast = make(CpuIsa::kAvx2), ref = make(CpuIsa::kReference);
       REQUIRE(fast.isa() == CpuIsa::kAvx2);
       CAPTURE(k, variant);
-      for (int64_t m : {1, 2, 4, 6}) check_close(fast, ref, m, static_cast<uint32_t>(m));
+      // 13 and 40 rows: the tiled GEMM where K is a multiple of 8 (1024; 1400 in chunks of
+      // 512, 512 and 376), else the four-row kernels.
+      for (int64_t m : {1, 2, 4, 6, 13, 40}) check_close(fast, ref, m, static_cast<uint32_t>(m));
     }
   }
 }
