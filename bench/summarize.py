@@ -12,7 +12,12 @@ def main(paths):
         d = json.load(open(p))
         ctx = ctx or d["context"]
         for b in d["benchmarks"]:
-            rows[b["name"]] = b
+            # With --benchmark_repetitions, the median of the repetitions stands for the run.
+            if b.get("run_type") == "aggregate":
+                if b.get("aggregate_name") == "median":
+                    rows[b["run_name"]] = b
+                continue
+            rows.setdefault(b["name"], b)
     print(f"Machine: {ctx.get('num_cpus')} CPUs at {ctx.get('mhz_per_cpu')} MHz; "
           f"caches {', '.join(str(c['size'] // 1024) + ' KiB L' + str(c['level']) for c in ctx.get('caches', []))}.")
     ceiling = rows.get("BM_MemRead", {}).get("bytes_per_second", 0)
