@@ -218,6 +218,45 @@ TEST_CASE("cli: moe-forward runs a layer and reports its routing", "[cli]") {
            (dir / "x.safetensors").string() + o,
        "none.json"},
   };
+  // --numerics fast on a quantized copy: the library's layer with Numerics::kFast, not exact's.
+  {
+    const std::string q = (dir / "q.safetensors").string();
+    Run qr = moqe_cli(
+        dir, "quantize --quiet --bits 4 --group-size 32 --input " + model + " --output " + q);
+    INFO(qr.err);
+    REQUIRE(qr.status == 0);
+    const std::string fast = common.substr(0, common.find(" --weights ")) + " --weights " + q +
+                             " --config " + (dir.path() / "model" / "config.json").string() +
+                             common.substr(common.find(" --prefix "));
+    Run fr = moqe_cli(dir, fast + " --numerics fast --output " + (dir / "yf.safetensors").string());
+    INFO(fr.err);
+    REQUIRE(fr.status == 0);
+    const MoeConfig mc = read_moe_config(dir.path() / "model" / "config.json", Family::kDeepSeekV3);
+    LoadOptions lo;
+    lo.numerics = Numerics::kFast;
+    const MoELayer fl = load_moe_layer(Checkpoint(q), "model.layers.0.mlp", mc, lo);
+    const MoELayer el = load_moe_layer(Checkpoint(q), "model.layers.0.mlp", mc);
+    std::vector<float> yf(x.size()), ye(x.size());
+    auto fws = fl.make_workspace(t);
+    fl.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(yf.data(), t, h), fws);
+    auto ews = el.make_workspace(t);
+    el.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(ye.data(), t, h), ews);
+    const Checkpoint out_fast(dir / "yf.safetensors");
+    CHECK(out_fast.to_float("y") == yf);
+    if (best_cpu_isa() >= CpuIsa::kAvx2) CHECK(yf != ye);  // fast mode ran (AVX2 only)
+    CHECK(out_fast.metadata().at("moqe.numerics") == "fast");
+  }
+  const std::vector<Case> more = {
+      {common + o + " --numerics quick", "unknown --numerics 'quick'"},
+      {common + o + " --numerics fast --device cuda", "--numerics fast is a CPU option"},
+  };
+  for (const Case& c : more) {
+    CAPTURE(c.args);
+    const Run e = moqe_cli(dir, c.args);
+    CHECK(e.status != 0);
+    CHECK_THAT(e.err, Catch::StartsWith("moqe: error: ") && Catch::Contains(c.message));
+    CHECK_FALSE(std::filesystem::exists(dir / "bad.safetensors"));
+  }
   for (const Case& c : cases) {
     CAPTURE(c.args);
     const Run e = moqe_cli(dir, c.args);
