@@ -4,7 +4,7 @@
 
 #include <cuda_runtime.h>
 
-#include "moqe/moe/expert.hpp"
+#include "moqe/moe/activation.hpp"
 
 namespace moqe::cuda::detail {
 

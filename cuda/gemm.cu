@@ -41,6 +41,13 @@ constexpr int64_t kMaxGridYZ = 65535;
 // Token blocks launched along grid.x at most; blocks loop over the rest.
 constexpr int64_t kMaxTokenBlocks = 1 << 16;
 
+// True when a and b store codes the same way: bits, mode, scale type and (resolved) group size.
+// A per-channel scheme equals groups of K.
+bool same_codes(const QuantizedMatrix& a, const QuantizedMatrix& b) {
+  return a.bits() == b.bits() && a.scheme().mode == b.scheme().mode &&
+         a.scheme().scale_type == b.scheme().scale_type && a.group_size() == b.group_size();
+}
+
 GemmPath resolve_path(GemmPath path, const QuantScheme& scheme, int64_t k) {
   if (path != GemmPath::kAuto) return path;
   return check_gemm_path(GemmPath::kMma, scheme, k).empty() ? GemmPath::kMma : GemmPath::kSimple;
@@ -265,7 +272,7 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack_glu(std::span<const Quantized
   for (size_t e = 0; e < gate.size(); ++e) {
     const QuantizedMatrix& g = gate[e];
     const QuantizedMatrix& u = up[e];
-    MOQE_CHECK(g.rows() == u.rows() && g.cols() == u.cols() && g.scheme() == u.scheme(),
+    MOQE_CHECK(g.rows() == u.rows() && g.cols() == u.cols() && same_codes(g, u),
                "cuda::DeviceQuantizedMatrix::stack_glu: expert {}'s gate is [{}, {}] {} and its "
                "up [{}, {}] {}: a GLU matrix needs one shape and scheme",
                e, g.rows(), g.cols(), g.scheme().to_string(), u.rows(), u.cols(),
@@ -290,14 +297,15 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::build(std::span<const QuantizedMatr
   const QuantizedMatrix& q0 = experts[0];
   for (size_t e = 1; e < experts.size(); ++e) {
     MOQE_CHECK(experts[e].rows() == q0.rows() && experts[e].cols() == q0.cols() &&
-                   experts[e].scheme() == q0.scheme(),
+                   same_codes(experts[e], q0),
                "cuda::DeviceQuantizedMatrix: expert {} is [{}, {}] {}, expert 0 is [{}, {}] {}", e,
                experts[e].rows(), experts[e].cols(), experts[e].scheme().to_string(), q0.rows(),
                q0.cols(), q0.scheme().to_string());
   }
   // n: outputs (I of [2I, K] for glu).
   const int64_t n = glu ? q0.rows() / 2 : q0.rows(), k = q0.cols();
-  MOQE_CHECK(n > 0 && k > 0, "cuda::DeviceQuantizedMatrix: empty matrix [{}, {}]", q0.rows(), k);
+  MOQE_CHECK(n > 0 && k > 0, "cuda::DeviceQuantizedMatrix: empty matrix [{}, {}]{}", q0.rows(), k,
+             glu ? " (gate and up)" : "");
   MOQE_CHECK(k <= INT32_MAX / 2, "cuda::DeviceQuantizedMatrix: K = {} is too large", k);
   MOQE_CHECK(static_cast<int64_t>(experts.size()) <= kMaxGridYZ,
              "cuda::DeviceQuantizedMatrix: {} experts; at most {} per stack", experts.size(),
@@ -305,8 +313,7 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::build(std::span<const QuantizedMatr
   const int64_t tiles = glu ? (n + mma::kGluColsPerTile - 1) / mma::kGluColsPerTile
                             : (n + mma::kTileRows - 1) / mma::kTileRows;
   MOQE_CHECK(tiles <= kMaxGridYZ && (n + 7) / 8 <= kMaxGridYZ,
-             "cuda::DeviceQuantizedMatrix: N = {} outputs; at most {}", n,
-             (glu ? mma::kGluColsPerTile : 8) * kMaxGridYZ);
+             "cuda::DeviceQuantizedMatrix: N = {} outputs; at most {}", n, 8 * kMaxGridYZ);
   const std::string reason = check_gemm_path(path, q0.scheme(), k);
   MOQE_CHECK(reason.empty(), "cuda::DeviceQuantizedMatrix: {} for [{}, {}] {}", reason, n, k,
              q0.scheme().to_string());

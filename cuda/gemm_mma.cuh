@@ -300,10 +300,11 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const GemmArgs p) {
       for (int v = static_cast<int>(threadIdx.x); v < kMT * outs * 32; v += blockDim.x) {
         const int ln = v & 31, q = v >> 5, mt = q / outs, r = q % outs;
         const int i = (mt * 4 + r) * 32 + ln, iu = (mt * 4 + ((r + 2) & 3)) * 32 + ln;
-        float sum = red[i], up = red[iu];
-        for (int w = 1; w < warps; ++w) {
-          sum += red[w * kWarpStride + i];
-          up += red[w * kWarpStride + iu];
+        float sum = red[i], up = 0.0f;
+        for (int w = 1; w < warps; ++w) sum += red[w * kWarpStride + i];
+        if (p.glu) {  // the up value, summed over the warps in the same order
+          up = red[iu];
+          for (int w = 1; w < warps; ++w) up += red[w * kWarpStride + iu];
         }
         store(mt, r, ln, sum, up);
       }

@@ -287,7 +287,8 @@ int check_epilogue_rows(const std::vector<float>& y, int64_t ldy, Out out,
       const double e32 =
           (ea * big_u + big_a * eu + 3 * std::ldexp(big_a * big_u, -24)) * std::fabs(s);
       const double tol = e32 + uo * (std::fabs(want) + e32) + out_floor(out);
-      if (std::fabs(got - want) > tol && failures++ < 3) {
+      // Written as "not within" so that an unwritten (NaN-poisoned) output fails.
+      if (!(std::fabs(got - want) <= tol) && failures++ < 3) {
         FAIL_CHECK("y[" << i << ", " << j << "] = " << got << ", want " << want << " (gate " << g
                         << ", up " << u << ", scale " << s << ", tolerance " << tol << ")");
       }
@@ -535,11 +536,13 @@ TEST_CASE("cuda gemm: fused epilogues (GLU pairs, activations, row scales) again
   std::uniform_real_distribution<float> unit(0.05f, 1.0f);
   const Case cases[] = {{4, QuantMode::kSym, 128},
                         {8, QuantMode::kSym, kPerChannel},
-                        {4, QuantMode::kAsym, 32},
+                        {4, QuantMode::kAsym, 32, ScaleType::kF32},
                         {3, QuantMode::kSymFull, 64},
                         {2, QuantMode::kAsym, 32}};
   const Activation acts[] = {Activation::kSilu, Activation::kGeluTanh, Activation::kGelu,
                              Activation::kRelu};
+  // Rows per expert: {5, 0, 19} runs token tiles of 16 (the hint is 16), {3, 0, 4} of 8.
+  const std::vector<std::vector<int64_t>> layouts = {{5, 0, 19}, {3, 0, 4}};
   int i = 0;
   // I = 43: the last GLU tile holds 3 columns; I = 64: whole tiles. K = 96: a single warp;
   // K = 100: the simple path only.
@@ -559,65 +562,86 @@ TEST_CASE("cuda gemm: fused epilogues (GLU pairs, activations, row scales) again
           REQUIRE(glu.glu());
           REQUIRE(glu.rows() == inter);
           REQUIRE(glu.path() == plain.path());
-          // Grouped: experts of 5, 0 and 19 rows; row scales through a reversed row index.
-          const std::vector<int64_t> rows = {5, 0, 19};
-          const std::vector<int64_t> offsets = {0, 5, 5, 24};
-          const int64_t m = offsets.back(), ldy = inter + 2;
-          std::vector<float> scale_by_slot(static_cast<size_t>(m));
-          for (auto& v : scale_by_slot) v = unit(rng);
-          std::vector<int32_t> index(static_cast<size_t>(m));
-          std::vector<float> scale(static_cast<size_t>(m));  // per row, after the index
-          for (int64_t r = 0; r < m; ++r) {
-            index[static_cast<size_t>(r)] = static_cast<int32_t>(m - 1 - r);
-            scale[static_cast<size_t>(r)] = scale_by_slot[static_cast<size_t>(m - 1 - r)];
+          if (path == cuda::GemmPath::kAuto) {
+            CHECK(glu.path() == (k % 32 == 0 ? cuda::GemmPath::kMma : cuda::GemmPath::kSimple));
           }
-          const cuda::DeviceBuffer od = upload(offsets), sd = upload(scale_by_slot),
-                                   id = upload(index);
-          for (bool scaled : {false, true}) {
-            const Activation act = acts[i % 4];
-            const Act in = i % 2 == 0 ? Act::kF16 : Act::kBF16;
-            const Out out = static_cast<Out>(i++ % 3);
-            INFO(c.bits << "-bit " << to_string(c.mode) << ", I = " << inter << ", K = " << k
-                        << ", path " << (glu.path() == cuda::GemmPath::kMma ? "mma" : "simple")
-                        << ", " << to_string(act) << (scaled ? ", row scales" : "") << ", x "
-                        << name(in) << ", y " << name(out));
-            cuda::GemmEpilogue epi;
-            epi.activate = true;
-            epi.activation = act;
-            if (scaled) {
-              epi.row_scale = sd.as<const float>();
-              epi.row_index = id.as<const int32_t>();
+          for (const auto& rows : layouts) {
+            std::vector<int64_t> offsets = {0};
+            for (int64_t r : rows) offsets.push_back(offsets.back() + r);
+            const int64_t m = offsets.back(), ldy = inter + 2;
+            // Row scales by slot; through a reversed row index, or directly.
+            std::vector<float> scale_by_slot(static_cast<size_t>(m));
+            for (auto& v : scale_by_slot) v = unit(rng);
+            std::vector<int32_t> index(static_cast<size_t>(m));
+            std::vector<float> scale(static_cast<size_t>(m));  // per row, after the index
+            for (int64_t r = 0; r < m; ++r) {
+              index[static_cast<size_t>(r)] = static_cast<int32_t>(m - 1 - r);
+              scale[static_cast<size_t>(r)] = scale_by_slot[static_cast<size_t>(m - 1 - r)];
             }
-            const std::vector<float> no_scale;
-            const std::vector<float>& want_scale = scaled ? scale : no_scale;
-            const Activations x = random_activations(in, m, k, k, rng);
-            const cuda::DeviceBuffer xd = upload(x.bits);
-            {  // GLU, grouped
-              cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
-              run_gemm(in, out, xd, m, k, k, glu, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
-                       epi);
-              const std::vector<float> y = download_out(yd, out, m * ldy);
-              for (size_t e = 0; e < rows.size(); ++e) {
-                CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
-                                          &up[e], true, act, want_scale, glu.path()) == 0);
+            const cuda::DeviceBuffer od = upload(offsets), sd = upload(scale_by_slot),
+                                     id = upload(index);
+            for (bool scaled : {false, true}) {
+              // Activation and input type vary independently: 8 consecutive cases cover all.
+              const Activation act = acts[i % 4];
+              const Act in = (i / 4) % 2 == 0 ? Act::kF16 : Act::kBF16;
+              const Out out = static_cast<Out>(i++ % 3);
+              INFO(c.bits << "-bit " << to_string(c.mode) << ", I = " << inter << ", K = " << k
+                          << ", path " << (glu.path() == cuda::GemmPath::kMma ? "mma" : "simple")
+                          << ", rows " << rows[0] << "," << rows[1] << "," << rows[2] << ", "
+                          << to_string(act) << (scaled ? ", row scales" : "") << ", x " << name(in)
+                          << ", y " << name(out));
+              cuda::GemmEpilogue epi;
+              epi.activate = true;
+              epi.activation = act;
+              if (scaled) {
+                epi.row_scale = sd.as<const float>();
+                epi.row_index = id.as<const int32_t>();
               }
-            }
-            {  // GLU, one expert (expert 2) over the first 19 rows; the identity activation
-              cuda::GemmEpilogue id_epi = epi;
-              id_epi.activate = false;
-              cuda::DeviceBuffer yd = poisoned_out(out, 19 * ldy);
-              run_gemm(in, out, xd, 19, k, k, glu, nullptr, yd, inter, ldy, 2, -1, id_epi);
-              CHECK(check_epilogue_rows(download_out(yd, out, 19 * ldy), ldy, out, x.values, 0, 19,
-                                        gate[2], &up[2], false, act, want_scale, glu.path()) == 0);
-            }
-            {  // a plain matrix with an activation and row scales (an MLP's first projection)
-              cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
-              run_gemm(in, out, xd, m, k, k, plain, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
-                       epi);
-              const std::vector<float> y = download_out(yd, out, m * ldy);
-              for (size_t e = 0; e < rows.size(); ++e) {
-                CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
-                                          nullptr, true, act, want_scale, plain.path()) == 0);
+              const std::vector<float> no_scale;
+              const std::vector<float>& want_scale = scaled ? scale : no_scale;
+              const Activations x = random_activations(in, m, k, k, rng);
+              const cuda::DeviceBuffer xd = upload(x.bits);
+              {  // GLU, grouped
+                cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
+                run_gemm(in, out, xd, m, k, k, glu, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
+                         epi);
+                const std::vector<float> y = download_out(yd, out, m * ldy);
+                for (size_t e = 0; e < rows.size(); ++e) {
+                  CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
+                                            &up[e], true, act, want_scale, glu.path()) == 0);
+                }
+              }
+              {  // GLU, one expert (expert 2) over all rows; the identity activation
+                cuda::GemmEpilogue id_epi = epi;
+                id_epi.activate = false;
+                cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
+                run_gemm(in, out, xd, m, k, k, glu, nullptr, yd, inter, ldy, 2, -1, id_epi);
+                CHECK(check_epilogue_rows(download_out(yd, out, m * ldy), ldy, out, x.values, 0, m,
+                                          gate[2], &up[2], false, act, want_scale,
+                                          glu.path()) == 0);
+              }
+              {  // a plain matrix with an activation and row scales (an MLP's first projection)
+                cuda::DeviceBuffer yd = poisoned_out(out, m * ldy);
+                run_gemm(in, out, xd, m, k, k, plain, od.as<const int64_t>(), yd, inter, ldy, 0, -1,
+                         epi);
+                const std::vector<float> y = download_out(yd, out, m * ldy);
+                for (size_t e = 0; e < rows.size(); ++e) {
+                  CHECK(check_epilogue_rows(y, ldy, out, x.values, offsets[e], rows[e], gate[e],
+                                            nullptr, true, act, want_scale, plain.path()) == 0);
+                }
+              }
+              if (scaled) {  // the down projection's: no activation, row scales without an index
+                cuda::GemmEpilogue down;
+                down.row_scale = sd.as<const float>();
+                cuda::DeviceBuffer yd = poisoned_out(Out::kF32, m * ldy);
+                run_gemm(in, Out::kF32, xd, m, k, k, plain, od.as<const int64_t>(), yd, inter, ldy,
+                         0, -1, down);
+                const std::vector<float> y = download_out(yd, Out::kF32, m * ldy);
+                for (size_t e = 0; e < rows.size(); ++e) {
+                  CHECK(check_epilogue_rows(y, ldy, Out::kF32, x.values, offsets[e], rows[e],
+                                            gate[e], nullptr, false, act, scale_by_slot,
+                                            plain.path()) == 0);
+                }
               }
             }
           }
@@ -625,11 +649,16 @@ TEST_CASE("cuda gemm: fused epilogues (GLU pairs, activations, row scales) again
       }
     }
   }
-  // A GLU matrix needs gate and up of one shape and scheme.
+  // A GLU matrix needs gate and up of one shape and code layout; a per-channel scheme and groups
+  // of K are the same layout.
   const std::vector<QuantizedMatrix> g1 = {make_matrix({4, QuantMode::kSym, 32}, 16, 64, rng)};
   const std::vector<QuantizedMatrix> u1 = {make_matrix({4, QuantMode::kSym, 64}, 16, 64, rng)};
   CHECK_THROWS_WITH(cuda::DeviceQuantizedMatrix::stack_glu(g1, u1),
                     Catch::Contains("expert 0's gate"));
   CHECK_THROWS_WITH(cuda::DeviceQuantizedMatrix::stack_glu(g1, {}),
                     Catch::Contains("1 gate and 0 up"));
+  const std::vector<QuantizedMatrix> gc = {
+      make_matrix({4, QuantMode::kSym, kPerChannel}, 16, 64, rng)};
+  const std::vector<QuantizedMatrix> uk = {make_matrix({4, QuantMode::kSym, 64}, 16, 64, rng)};
+  CHECK(cuda::DeviceQuantizedMatrix::stack_glu(gc, uk).rows() == 16);
 }

@@ -21,7 +21,7 @@
 #include "moqe/core/dtypes.hpp"
 #include "moqe/core/view.hpp"
 #include "moqe/cuda/runtime.hpp"
-#include "moqe/moe/expert.hpp"
+#include "moqe/moe/activation.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 
 namespace moqe::cuda {
@@ -49,8 +49,9 @@ std::string check_gemm_path(GemmPath path, const QuantScheme& scheme, int64_t k)
 //   3. row scale: y[r, :] *= row_scale[row_index ? row_index[r] : r] when row_scale is set
 //      (device arrays; r counts x's rows, across all experts for gemm_grouped): an MoE layer's
 //      routing weights, applied to its expert rows before combining.
-// Each step is one fp32 operation on the value the unfused sequence would compute, so fusing
-// changes no result.
+// Each step is one fp32 operation on the values an unfused sequence of kernels would compute.
+// (An MoE layer that scaled by its routing weights while combining could contract that product
+// into the combine's sum; scaling here rounds it separately: at most an ulp per slot.)
 struct GemmEpilogue {
   bool activate = false;
   Activation activation = Activation::kSilu;

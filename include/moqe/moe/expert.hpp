@@ -2,37 +2,13 @@
 // storage allows, or `mlp` (down(act(up x))); act = silu | gelu_tanh | gelu | relu.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <optional>
-#include <string_view>
+#include <string>
 
 #include "moqe/gemm/linear.hpp"
+#include "moqe/moe/activation.hpp"
 
 namespace moqe {
-
-enum class Activation : uint8_t { kSilu, kGeluTanh, kGelu, kRelu };
-
-std::string_view to_string(Activation a);
-// Hugging Face `hidden_act` names: silu/swish, gelu, gelu_new/gelu_pytorch_tanh/gelu_fast (tanh),
-// relu.
-std::optional<Activation> parse_activation(std::string_view name);
-
-inline float activate(Activation a, float x) {
-  switch (a) {
-    case Activation::kSilu:
-      return x / (1.0f + std::exp(-x));
-    case Activation::kGeluTanh: {
-      const float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
-      return 0.5f * x * (1.0f + std::tanh(kAlpha * (x + 0.044715f * x * x * x)));
-    }
-    case Activation::kGelu:
-      return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
-    case Activation::kRelu:
-      return x > 0.0f ? x : 0.0f;
-  }
-  return x;
-}
 
 enum class MlpKind : uint8_t { kGlu, kMlp };
 
