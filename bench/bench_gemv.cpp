@@ -2,6 +2,10 @@
 // rotates among enough copies of W to exceed 512 MiB, far beyond the last-level cache, as in
 // decoding where each layer's weights are read once per token). bytes_per_second counts weight
 // bytes; items_per_second counts tokens (rows of x).
+// BM_GemvHot/<weights>/2048x4096/batch:<M>: the same on one thread with one copy of W that stays
+// in the caches (4-16 MB): the kernels' instruction throughput, free of the memory system's noise
+// (the figure to compare when changing a kernel's inner loop); items_per_second counts weights x
+// rows.
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
@@ -51,6 +55,35 @@ struct Copies {
   double fast_error = 0;                  // fast mode: ||y_fast - y_exact|| / ||y_exact||
 };
 
+// One layer of `kind` for w [n, k] (not for f32_eigen); fast_error: see Copies.
+moqe::QuantizedLinear make_layer(const Weights& kind, const std::vector<float>& w, int64_t n,
+                                 int64_t k, double* fast_error) {
+  if (kind.scheme.bits == 0) {
+    std::vector<uint16_t> h(w.size());
+    for (size_t i = 0; i < w.size(); ++i) h[i] = moqe::float_to_half_bits(w[i]);
+    return moqe::QuantizedLinear::from_half(std::move(h), moqe::DType::kF16, n, k);
+  }
+  const moqe::QuantizedMatrix q =
+      moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme);
+  moqe::QuantizedLinear base = moqe::QuantizedLinear::from_quantized(
+      q, kind.fast ? moqe::Numerics::kFast : moqe::Numerics::kExact);
+  if (kind.fast && fast_error != nullptr) {  // the price of fast mode, on random activations
+    const auto exact = moqe::QuantizedLinear::from_quantized(q);
+    std::vector<float> x(static_cast<size_t>(8 * k)), yf(static_cast<size_t>(8 * n)), ye(yf.size());
+    std::mt19937 rng(7);
+    std::normal_distribution<float> g(0.0f, 1.0f);
+    for (auto& v : x) v = g(rng);
+    base.forward(moqe::MatrixView<const float>(x.data(), 8, k),
+                 moqe::MatrixView<float>(yf.data(), 8, n));
+    exact.forward(moqe::MatrixView<const float>(x.data(), 8, k),
+                  moqe::MatrixView<float>(ye.data(), 8, n));
+    *fast_error = moqe::compare(moqe::MatrixView<const float>(ye.data(), 8, n),
+                                moqe::MatrixView<const float>(yf.data(), 8, n))
+                      .rel_frobenius;
+  }
+  return base;
+}
+
 Copies& copies(const Weights& kind, int64_t n, int64_t k) {
   static std::map<std::string, std::unique_ptr<Copies>> cache;
   const std::string key = kind.name + std::to_string(n) + "x" + std::to_string(k);
@@ -64,32 +97,7 @@ Copies& copies(const Weights& kind, int64_t n, int64_t k) {
     const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
     for (int64_t i = 0; i < count; ++i) c->eigen.push_back(w);
   } else {
-    moqe::QuantizedLinear base;
-    if (kind.scheme.bits == 0) {
-      std::vector<uint16_t> h(w.size());
-      for (size_t i = 0; i < w.size(); ++i) h[i] = moqe::float_to_half_bits(w[i]);
-      base = moqe::QuantizedLinear::from_half(std::move(h), moqe::DType::kF16, n, k);
-    } else {
-      const moqe::QuantizedMatrix q =
-          moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme);
-      base = moqe::QuantizedLinear::from_quantized(
-          q, kind.fast ? moqe::Numerics::kFast : moqe::Numerics::kExact);
-      if (kind.fast) {  // the price of fast mode, measured once on random activations
-        const auto exact = moqe::QuantizedLinear::from_quantized(q);
-        std::vector<float> x(static_cast<size_t>(8 * k)), yf(static_cast<size_t>(8 * n)),
-            ye(yf.size());
-        std::mt19937 rng(7);
-        std::normal_distribution<float> g(0.0f, 1.0f);
-        for (auto& v : x) v = g(rng);
-        base.forward(moqe::MatrixView<const float>(x.data(), 8, k),
-                     moqe::MatrixView<float>(yf.data(), 8, n));
-        exact.forward(moqe::MatrixView<const float>(x.data(), 8, k),
-                      moqe::MatrixView<float>(ye.data(), 8, n));
-        c->fast_error = moqe::compare(moqe::MatrixView<const float>(ye.data(), 8, n),
-                                      moqe::MatrixView<const float>(yf.data(), 8, n))
-                            .rel_frobenius;
-      }
-    }
+    const moqe::QuantizedLinear base = make_layer(kind, w, n, k, &c->fast_error);
     c->bytes = base.weight_bytes();
     const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
     for (int64_t i = 0; i < count; ++i) c->layers.push_back(base.clone());
@@ -135,6 +143,34 @@ void BM_Gemv(benchmark::State& state, const Weights& kind, int64_t n, int64_t k)
   if (kind.fast) state.counters["rel_err_vs_exact"] = c.fast_error;
 }
 
+void BM_GemvHot(benchmark::State& state, const Weights& kind, int64_t n, int64_t k) {
+  const int64_t m = state.range(0);
+  const std::vector<float> w = moqe::synthetic_weights(n, k, 42);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(m * k)), y(static_cast<size_t>(m * n));
+  for (auto& v : x) v = g(rng);
+  if (kind.eigen) {
+    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<const RowMajor> wm(w.data(), n, k);
+    Eigen::Map<const Eigen::MatrixXf> xm(x.data(), k, m);
+    Eigen::Map<Eigen::MatrixXf> ym(y.data(), n, m);
+    for (auto _ : state) {
+      ym.noalias() = wm * xm;
+      benchmark::DoNotOptimize(y.data());
+    }
+  } else {
+    const moqe::QuantizedLinear layer = make_layer(kind, w, n, k, nullptr);
+    for (auto _ : state) {
+      layer.forward(moqe::MatrixView<const float>(x.data(), m, k),
+                    moqe::MatrixView<float>(y.data(), m, n), 1);
+      benchmark::DoNotOptimize(y.data());
+      benchmark::ClobberMemory();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * n * k * m);
+}
+
 const bool registered = [] {
   Eigen::setNbThreads(1);
   const std::pair<int64_t, int64_t> shapes[] = {
@@ -150,6 +186,14 @@ const bool registered = [] {
           ->Arg(64)
           ->Unit(benchmark::kMillisecond);
     }
+  }
+  for (const Weights& kind : weight_kinds()) {
+    const std::string name = "BM_GemvHot/" + kind.name + "/2048x4096";
+    benchmark::RegisterBenchmark(name.c_str(), BM_GemvHot, kind, 2048, 4096)
+        ->ArgName("batch")
+        ->Arg(1)
+        ->Arg(4)
+        ->Unit(benchmark::kMicrosecond);
   }
   return true;
 }();

@@ -23,9 +23,15 @@ namespace moqe::detail {
 // that of block 2b + 1 in its high nibble, where position t = 4i + j is column 8j + i, the order
 // of the quantized activations (QuantizedX). One load, one shift and two masks give both blocks'
 // code bytes lined up with the activation bytes.
+//
+// Exact mode's signed layout (`signed_levels`, sym modes of 2, 4 and 8 bits, whose zero point is
+// 2^(bits - 1)): every code is stored as code XOR 2^(bits - 1), the two's complement of its level
+// code - zero in `bits` bits, so the kernels get the level by sign extension (one shift pair)
+// instead of a mask and a subtraction.
 struct PackedQuant {
   int bits = 0;
   bool paired = false;
+  bool signed_levels = false;
   int64_t n = 0, k = 0;
   int64_t group = 0, groups = 0;  // group size and groups per row
   int64_t block_bytes = 0, row_bytes = 0;
@@ -59,11 +65,17 @@ PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
 // Fast mode's paired 4-bit layout of p (see PackedQuant); can_pair says when it applies.
 bool can_pair(const PackedQuant& p);
 PackedQuant pair_blocks(const PackedQuant& p);
+// Exact mode's signed layout of p (see PackedQuant); can_sign says when it applies.
+bool can_sign(const PackedQuant& p);
+PackedQuant sign_levels(const PackedQuant& p);
+// True when a and b have the same layout (rows of a and b can be concatenated).
+bool same_layout(const PackedQuant& a, const PackedQuant& b);
 
 // y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
 using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
                              float* y, int64_t ldy, int64_t n0, int64_t n1);
-// The same for any number of activation rows m, tiled for many rows (exact mode).
+// The same for any number of activation rows m, tiled for many rows (exact mode). The kernels of
+// a signed_levels layout are chosen with `signed_levels`.
 using QuantGemmKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int64_t m,
                                  float* y, int64_t ldy, int64_t n0, int64_t n1);
 // Activation rows from which forward_rows uses the tiled GEMMs (QuantGemmKernel,
@@ -103,8 +115,8 @@ struct KernelTable {
 };
 
 #if defined(MOQE_HAVE_AVX2_KERNELS)
-QuantKernel quant_kernel_avx2(int bits, int mcount);
-QuantGemmKernel quant_gemm_kernel_avx2(int bits);
+QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels);
+QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
 DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind);
 // `paired`: the kernel for the paired 4-bit layout.

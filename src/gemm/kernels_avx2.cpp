@@ -64,7 +64,46 @@ inline void extract(const uint8_t* p, __m256i c[4]) {
   }
 }
 
-template <int B, int M>
+// The four level vectors of a 32-code block of the signed layout (2-, 4- and 8-bit codes stored
+// as two's complement levels): sign extension of each field, no mask and no subtraction.
+template <int B>
+inline void extract_signed(const uint8_t* p, __m256i c[4]) {
+  if constexpr (B == 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24);
+    c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24);
+    c[2] = _mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24);
+    c[3] = _mm256_srai_epi32(v, 24);
+  } else if constexpr (B == 4) {  // each lane's 16-bit field, sign-extended to 32 bits
+    const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28);
+    c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28);
+    c[2] = _mm256_srai_epi32(_mm256_slli_epi32(v, 20), 28);
+    c[3] = _mm256_srai_epi32(v, 12);
+  } else {
+    static_assert(B == 2, "signed levels: 2-, 4- or 8-bit codes");
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 30), 30);
+    c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 30);
+    c[2] = _mm256_srai_epi32(_mm256_slli_epi32(v, 26), 30);
+    c[3] = _mm256_srai_epi32(v, 6);
+  }
+}
+
+// The levels (code - zero) of a block as fp32 vectors, from either layout.
+template <int B, bool S>
+inline void block_levels(const uint8_t* p, __m256i z, __m256 d[4]) {
+  __m256i c[4];
+  if constexpr (S) {
+    extract_signed<B>(p, c);
+    for (int j = 0; j < 4; ++j) d[j] = _mm256_cvtepi32_ps(c[j]);
+  } else {
+    extract<B>(p, c);
+    for (int j = 0; j < 4; ++j) d[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(c[j], z));
+  }
+}
+
+template <int B, int M, bool S>
 void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
                   int64_t ldy, int64_t n0, int64_t n1) {
   // One accumulator chain per m is FMA-latency bound for small M: split the block's four code
@@ -87,14 +126,13 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
       const __m256i z = _mm256_set1_epi32(w.zero_at(gi + g));
       const int64_t k0 = g * w.group;
       for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
-        __m256i c[4];
-        extract<B>(blk, c);
+        __m256 d[4];
+        block_levels<B, S>(blk, z, d);
         const int64_t kb = k0 + 32 * b;
         for (int j = 0; j < 4; ++j) {
-          const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(c[j], z));
           for (int m = 0; m < M; ++m) {
             acc[m][j % NA] =
-                _mm256_fmadd_ps(d, _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
+                _mm256_fmadd_ps(d[j], _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
           }
         }
       }
@@ -206,35 +244,33 @@ void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t gro
   }
 }
 
-template <int B>
+template <int B, bool S>
 void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_t m, float* y,
                        int64_t ldy, int64_t n0, int64_t n1) {
   auto decode = [&](int64_t row, int64_t c0, int64_t c1, float* dst) {
     const uint8_t* blk = w.data.data() + row * w.row_bytes + (c0 / 32) * w.block_bytes;
     for (int64_t c = c0; c < c1; c += 32, blk += w.block_bytes) {
       const __m256i z = _mm256_set1_epi32(w.zero_at(row * w.groups + c / w.group));
-      __m256i cv[4];
-      extract<B>(blk, cv);
-      for (int q = 0; q < 4; ++q) {
-        _mm256_store_ps(dst + (c - c0) + 8 * q, _mm256_cvtepi32_ps(_mm256_sub_epi32(cv[q], z)));
-      }
+      __m256 d[4];
+      block_levels<B, S>(blk, z, d);
+      for (int q = 0; q < 4; ++q) _mm256_store_ps(dst + (c - c0) + 8 * q, d[q]);
     }
   };
   auto scale = [&](int64_t row, int64_t gi) { return scale_at(w, row * w.groups + gi); };
   tiled_gemm(decode, scale, w.k, w.group, x, ldx, m, y, ldy, n0, n1);
 }
 
-template <int B>
+template <int B, bool S = false>
 QuantKernel pick_quant(int mcount) {
   switch (mcount) {
     case 1:
-      return quant_kernel<B, 1>;
+      return quant_kernel<B, 1, S>;
     case 2:
-      return quant_kernel<B, 2>;
+      return quant_kernel<B, 2, S>;
     case 3:
-      return quant_kernel<B, 3>;
+      return quant_kernel<B, 3, S>;
     default:
-      return quant_kernel<B, 4>;
+      return quant_kernel<B, 4, S>;
   }
 }
 
@@ -469,20 +505,28 @@ FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {
   return bits == 8 ? pick_fast<8>(mcount) : pick_fast<4>(mcount);
 }
 
-QuantGemmKernel quant_gemm_kernel_avx2(int bits) {
+QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels) {
+  if (signed_levels) {
+    return bits == 2 ? quant_gemm_kernel<2, true>
+                     : (bits == 4 ? quant_gemm_kernel<4, true> : quant_gemm_kernel<8, true>);
+  }
   switch (bits) {
     case 2:
-      return quant_gemm_kernel<2>;
+      return quant_gemm_kernel<2, false>;
     case 3:
-      return quant_gemm_kernel<3>;
+      return quant_gemm_kernel<3, false>;
     case 4:
-      return quant_gemm_kernel<4>;
+      return quant_gemm_kernel<4, false>;
     default:
-      return quant_gemm_kernel<8>;
+      return quant_gemm_kernel<8, false>;
   }
 }
 
-QuantKernel quant_kernel_avx2(int bits, int mcount) {
+QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels) {
+  if (signed_levels) {
+    return bits == 2 ? pick_quant<2, true>(mcount)
+                     : (bits == 4 ? pick_quant<4, true>(mcount) : pick_quant<8, true>(mcount));
+  }
   switch (bits) {
     case 2:
       return pick_quant<2>(mcount);

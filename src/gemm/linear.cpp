@@ -67,18 +67,21 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     numerics_ = requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)
                     ? Numerics::kFast
                     : Numerics::kExact;
-    if (numerics_ == Numerics::kFast && detail::can_pair(*packed_) && !packed_->paired) {
+    if (numerics_ == Numerics::kFast && detail::can_pair(*packed_)) {
       packed_ = std::make_shared<const detail::PackedQuant>(detail::pair_blocks(*packed_));
+    }
+    if (numerics_ == Numerics::kExact && detail::can_sign(*packed_)) {
+      packed_ = std::make_shared<const detail::PackedQuant>(detail::sign_levels(*packed_));
     }
     for (int m = 1; m <= 4; ++m) {
       if (numerics_ == Numerics::kFast) {
         table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m, packed_->paired);
       } else {
-        table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m);
+        table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m, packed_->signed_levels);
       }
     }
     if (numerics_ == Numerics::kExact) {
-      table->quant_gemm = detail::quant_gemm_kernel_avx2(scheme_.bits);
+      table->quant_gemm = detail::quant_gemm_kernel_avx2(scheme_.bits, packed_->signed_levels);
     }
   } else {
     const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
@@ -100,7 +103,7 @@ bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear
     return a.scheme_.bits == b.scheme_.bits && a.scheme_.mode == b.scheme_.mode &&
            a.scheme_.scale_type == b.scheme_.scale_type && a.group_ == b.group_ &&
            (a.packed_ != nullptr) == (b.packed_ != nullptr) &&
-           (a.packed_ == nullptr || a.packed_->paired == b.packed_->paired);
+           (a.packed_ == nullptr || detail::same_layout(*a.packed_, *b.packed_));
   }
   return true;
 }

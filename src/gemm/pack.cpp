@@ -64,7 +64,31 @@ PackedQuant pack(const QuantizedMatrix& q) {
   return p;
 }
 
-bool can_pair(const PackedQuant& p) { return p.bits == 4 && (p.k / 32) % 2 == 0; }
+bool can_pair(const PackedQuant& p) {
+  return p.bits == 4 && (p.k / 32) % 2 == 0 && !p.signed_levels;
+}
+
+bool can_sign(const PackedQuant& p) {
+  return (p.bits == 2 || p.bits == 4 || p.bits == 8) && p.zero.empty() &&
+         p.zero_const == 1 << (p.bits - 1) && !p.paired && !p.signed_levels;
+}
+
+PackedQuant sign_levels(const PackedQuant& p) {
+  MOQE_CHECK(can_sign(p), "sign_levels: {}-bit rows with zero point {}", p.bits, p.zero_const);
+  PackedQuant out = p;
+  out.signed_levels = true;
+  // XOR with 2^(bits - 1) in every field: bit bits - 1 of each field, repeated over the byte.
+  const uint8_t mask = p.bits == 2 ? 0xaa : (p.bits == 4 ? 0x88 : 0x80);
+  const size_t used = static_cast<size_t>(p.n * p.row_bytes);  // not the slack
+  for (size_t i = 0; i < used; ++i) out.data[i] ^= mask;
+  return out;
+}
+
+bool same_layout(const PackedQuant& a, const PackedQuant& b) {
+  return a.bits == b.bits && a.k == b.k && a.group == b.group && a.f16_scales == b.f16_scales &&
+         a.zero.empty() == b.zero.empty() && a.zero_const == b.zero_const && a.paired == b.paired &&
+         a.signed_levels == b.signed_levels;
+}
 
 PackedQuant pair_blocks(const PackedQuant& p) {
   MOQE_CHECK(can_pair(p) && !p.paired, "pair_blocks: {}-bit rows of {} blocks{}", p.bits, p.k / 32,
@@ -111,8 +135,9 @@ void decode_row(const PackedQuant& p, int64_t n, float* out) {
     const int z = p.zero_at(n * p.groups + g);
     for (int lane = 0; lane < 8; ++lane) {
       for (int j = 0; j < 4; ++j) {
-        // The block is a little-endian bit stream, like a file row.
-        const uint32_t code = unpack_code(in, (lane * field + j * b) / b, b);
+        // The block is a little-endian bit stream, like a file row (signed levels: XOR-ed).
+        const uint32_t code = unpack_code(in, (lane * field + j * b) / b, b) ^
+                              (p.signed_levels ? static_cast<uint32_t>(p.zero_const) : 0u);
         out[32 * blk + 8 * j + lane] = dequantize_code(code, z, s);
       }
     }
@@ -120,8 +145,7 @@ void decode_row(const PackedQuant& p, int64_t n, float* out) {
 }
 
 PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b) {
-  MOQE_CHECK(a.bits == b.bits && a.k == b.k && a.group == b.group && a.f16_scales == b.f16_scales &&
-                 a.zero.empty() == b.zero.empty() && a.paired == b.paired,
+  MOQE_CHECK(same_layout(a, b),
              "concat_rows: packed weights differ in bits, K, group size, scheme or layout");
   PackedQuant c = a;
   c.n = a.n + b.n;

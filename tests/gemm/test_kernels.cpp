@@ -78,6 +78,8 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
             REQUIRE(fast.isa() == CpuIsa::kAvx2);
             REQUIRE(ref.isa() == CpuIsa::kReference);
             CAPTURE(k, s.to_string());
+            // The repacked layout (signed levels for sym 2/4/8 bits) decodes to the reference.
+            CHECK(fast.to_f32() == dequantize(q));
             // 17 and 64 rows: the tiled GEMM of exact mode (kQuantGemmMinRows; row counts with
             // and without a remainder of its three-row tiles, N not a multiple of its four-row
             // blocks, K in chunks of whole groups or one per-channel row).
