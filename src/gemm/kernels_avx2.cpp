@@ -182,18 +182,22 @@ void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t gro
                 int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t chunk = group >= kGemmChunk ? group : (kGemmChunk / group) * group;
   // Grown once per thread: weights [4][chunk] (32-byte aligned rows) and totals [m][4].
-  thread_local std::vector<__m256> lev_store, totals_store;
+  struct alignas(32) Vec8 {
+    float v[8];
+  };
+  thread_local std::vector<Vec8> lev_store, totals_store;
   if (lev_store.size() < static_cast<size_t>(kGemmRows * chunk / 8)) {
     lev_store.resize(static_cast<size_t>(kGemmRows * chunk / 8));
   }
   if (totals_store.size() < static_cast<size_t>(m * kGemmRows)) {
     totals_store.resize(static_cast<size_t>(m * kGemmRows));
   }
-  float* lev = reinterpret_cast<float*>(lev_store.data());
-  __m256* totals = totals_store.data();
+  float* lev = lev_store.data()->v;
+  float* totals = totals_store.data()->v;  // [m][4] vectors of 8
   for (int64_t nb = n0; nb < n1; nb += kGemmRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, n1 - nb));
-    for (int64_t i = 0; i < m * kGemmRows; ++i) totals[i] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < m * kGemmRows; ++i)
+      _mm256_store_ps(totals + 8 * i, _mm256_setzero_ps());
     for (int64_t c0 = 0; c0 < k; c0 += chunk) {
       const int64_t c1 = std::min(k, c0 + chunk);
       // The block's rows over [c0, c1); missing rows (the last block) are zeros.
@@ -213,11 +217,11 @@ void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t gro
           s[j] = _mm256_set1_ps(j < rows ? scale(nb + j, gi) : 0.0f);
         }
         const float* lg = lev + (g0 - c0);
-        auto flush = [&](int64_t i0, auto& part, int mr) {
-          for (int i = 0; i < mr; ++i) {
+        auto flush = [&]<int MR>(int64_t i0, const __m256(&part)[MR][kGemmRows]) {
+          for (int i = 0; i < MR; ++i) {
             for (int j = 0; j < kGemmRows; ++j) {
-              __m256& t = totals[(i0 + i) * kGemmRows + j];
-              t = _mm256_fmadd_ps(s[j], part[i][j], t);
+              float* t = totals + 8 * ((i0 + i) * kGemmRows + j);
+              _mm256_store_ps(t, _mm256_fmadd_ps(s[j], part[i][j], _mm256_load_ps(t)));
             }
           }
         };
@@ -225,21 +229,23 @@ void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t gro
         for (; i0 + 3 <= m; i0 += 3) {
           __m256 part[3][kGemmRows];
           gemm_tile<3>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part, 3);
+          flush(i0, part);
         }
         if (m - i0 == 2) {
           __m256 part[2][kGemmRows];
           gemm_tile<2>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part, 2);
+          flush(i0, part);
         } else if (m - i0 == 1) {
           __m256 part[1][kGemmRows];
           gemm_tile<1>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part, 1);
+          flush(i0, part);
         }
       }
     }
     for (int64_t i = 0; i < m; ++i) {
-      for (int j = 0; j < rows; ++j) y[i * ldy + nb + j] = hsum(totals[i * kGemmRows + j]);
+      for (int j = 0; j < rows; ++j) {
+        y[i * ldy + nb + j] = hsum(_mm256_load_ps(totals + 8 * (i * kGemmRows + j)));
+      }
     }
   }
 }
