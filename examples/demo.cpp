@@ -144,8 +144,11 @@ int main(int argc, char** argv) {
       double ms_per_token = 0;
       int64_t bytes = 0;
     };
-    auto run_layer = [&](const moqe::Checkpoint& ckpt) {
-      const moqe::MoELayer layer = moqe::load_moe_layer(ckpt, prefix, config);
+    auto run_layer = [&](const moqe::Checkpoint& ckpt,
+                         moqe::Numerics numerics = moqe::Numerics::kExact) {
+      moqe::LoadOptions lo;
+      lo.numerics = numerics;
+      const moqe::MoELayer layer = moqe::load_moe_layer(ckpt, prefix, config, lo);
       auto ws = layer.make_workspace(1);
       Run r;
       r.y.resize(x.size());
@@ -161,29 +164,41 @@ int main(int argc, char** argv) {
       return r;
     };
     const Run base = run_layer(model);
-    std::printf("\nMoE layer, %lld tokens one at a time (reference CPU kernels, %d threads):\n",
-                static_cast<long long>(tokens), moqe::default_num_threads());
-    std::printf("%-10s %14s %12s %12s %10s\n", "experts", "weight bytes", "out rel.err",
+    std::printf("\nMoE layer, %lld tokens one at a time (%s CPU kernels, %d threads):\n",
+                static_cast<long long>(tokens),
+                std::string(moqe::to_string(moqe::active_cpu_isa())).c_str(),
+                moqe::default_num_threads());
+    std::printf("%-14s %14s %12s %12s %10s\n", "experts", "weight bytes", "out rel.err",
                 "out SQNR dB", "ms/token");
-    std::printf("%-10s %14lld %12s %12s %10.2f\n", "bf16", static_cast<long long>(base.bytes), "-",
+    std::printf("%-14s %14lld %12s %12s %10.2f\n", "bf16", static_cast<long long>(base.bytes), "-",
                 "-", base.ms_per_token);
-    double prev_out = 0;
-    for (int bits : {8, 4, 3, 2}) {
-      const Run q = run_layer(
-          moqe::Checkpoint(a.dir / fmt::format("q{}_{}.safetensors", bits,
-                                               static_cast<int>(moqe::GroupPolicy::kFixed))));
+    double prev_out = 0, int4_out = 0;
+    auto report = [&](const std::string& label, const Run& q) {
       const moqe::ErrorStats e =
           moqe::compare(moqe::MatrixView<const float>(base.y.data(), tokens, h),
                         moqe::MatrixView<const float>(q.y.data(), tokens, h));
-      std::printf("%-10s %14lld %12.5f %12.2f %10.2f\n", fmt::format("int{} g128", bits).c_str(),
+      std::printf("%-14s %14lld %12.5f %12.2f %10.2f\n", label.c_str(),
                   static_cast<long long>(q.bytes), e.rel_frobenius, e.sqnr_db, q.ms_per_token);
-      ok = ok && e.rel_frobenius > prev_out;  // fewer bits, larger output error
-      prev_out = e.rel_frobenius;
+      return e.rel_frobenius;
+    };
+    auto quantized = [&](int bits) {
+      return moqe::Checkpoint(a.dir / fmt::format("q{}_{}.safetensors", bits,
+                                                  static_cast<int>(moqe::GroupPolicy::kFixed)));
+    };
+    for (int bits : {8, 4, 3, 2}) {
+      const double err = report(fmt::format("int{} g128", bits), run_layer(quantized(bits)));
+      ok = ok && err > prev_out;  // fewer bits, larger output error
+      prev_out = err;
+      if (bits == 4) int4_out = err;
     }
+    // Fast mode: the same int4 experts with activations quantized to int8 per 32-block.
+    const double fast_out =
+        report("int4 g128 fast", run_layer(quantized(4), moqe::Numerics::kFast));
+    ok = ok && fast_out < 1.1 * int4_out;  // int8 activations add little to int4 weights' error
     std::printf(
         "out rel.err: ||y - y_bf16|| / ||y_bf16|| of the layer output (the router is not "
-        "quantized, so every token reaches the same experts). Speeds are those of the reference "
-        "kernels; the fast CPU kernels are separate work.\n");
+        "quantized, so every token reaches the same experts). \"fast\": int8 activations "
+        "(Numerics::kFast, `moqe moe-forward --numerics fast`).\n");
     if (own_dir && !a.keep) std::filesystem::remove_all(a.dir);
     if (!ok) {
       std::fprintf(stderr, "demo self-check failed\n");
