@@ -24,9 +24,9 @@ namespace moqe::detail {
 // of the quantized activations (QuantizedX). One load, one shift and two masks give both blocks'
 // code bytes lined up with the activation bytes.
 //
-// Exact mode's signed layout (`signed_levels`, sym modes of 2, 4 and 8 bits, whose zero point is
-// 2^(bits - 1)): every code is stored as code XOR 2^(bits - 1), the two's complement of its level
-// code - zero in `bits` bits, so the kernels get the level by sign extension (one shift pair)
+// Exact mode's signed layout (`signed_levels`, sym modes of 2, 3, 4 and 8 bits, whose zero point
+// is 2^(bits - 1)): every code is stored as code XOR 2^(bits - 1), the two's complement of its
+// level code - zero in `bits` bits, so the kernels get the level by sign extension (one shift pair)
 // instead of a mask and a subtraction.
 struct PackedQuant {
   int bits = 0;

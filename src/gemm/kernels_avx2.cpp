@@ -80,8 +80,19 @@ inline void extract_signed(const uint8_t* p, __m256i c[4]) {
     c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28);
     c[2] = _mm256_srai_epi32(_mm256_slli_epi32(v, 20), 28);
     c[3] = _mm256_srai_epi32(v, 12);
+  } else if constexpr (B == 3) {  // lane i's 12-bit field at bits 0..11 (see extract)
+    const __m256i v16 =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sel = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,  //
+                                         6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    const __m256i v =
+        _mm256_srlv_epi32(_mm256_shuffle_epi8(v16, sel), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 29), 29);
+    c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 26), 29);
+    c[2] = _mm256_srai_epi32(_mm256_slli_epi32(v, 23), 29);
+    c[3] = _mm256_srai_epi32(_mm256_slli_epi32(v, 20), 29);
   } else {
-    static_assert(B == 2, "signed levels: 2-, 4- or 8-bit codes");
+    static_assert(B == 2, "signed levels: 2-, 3-, 4- or 8-bit codes");
     const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 30), 30);
     c[1] = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 30);
@@ -513,8 +524,16 @@ FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {
 
 QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels) {
   if (signed_levels) {
-    return bits == 2 ? quant_gemm_kernel<2, true>
-                     : (bits == 4 ? quant_gemm_kernel<4, true> : quant_gemm_kernel<8, true>);
+    switch (bits) {
+      case 2:
+        return quant_gemm_kernel<2, true>;
+      case 3:
+        return quant_gemm_kernel<3, true>;
+      case 4:
+        return quant_gemm_kernel<4, true>;
+      default:
+        return quant_gemm_kernel<8, true>;
+    }
   }
   switch (bits) {
     case 2:
@@ -530,8 +549,16 @@ QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels) {
 
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels) {
   if (signed_levels) {
-    return bits == 2 ? pick_quant<2, true>(mcount)
-                     : (bits == 4 ? pick_quant<4, true>(mcount) : pick_quant<8, true>(mcount));
+    switch (bits) {
+      case 2:
+        return pick_quant<2, true>(mcount);
+      case 3:
+        return pick_quant<3, true>(mcount);
+      case 4:
+        return pick_quant<4, true>(mcount);
+      default:
+        return pick_quant<8, true>(mcount);
+    }
   }
   switch (bits) {
     case 2:

@@ -69,7 +69,7 @@ bool can_pair(const PackedQuant& p) {
 }
 
 bool can_sign(const PackedQuant& p) {
-  return (p.bits == 2 || p.bits == 4 || p.bits == 8) && p.zero.empty() &&
+  return (p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 8) && p.zero.empty() &&
          p.zero_const == 1 << (p.bits - 1) && !p.paired && !p.signed_levels;
 }
 
@@ -77,10 +77,19 @@ PackedQuant sign_levels(const PackedQuant& p) {
   MOQE_CHECK(can_sign(p), "sign_levels: {}-bit rows with zero point {}", p.bits, p.zero_const);
   PackedQuant out = p;
   out.signed_levels = true;
-  // XOR with 2^(bits - 1) in every field: bit bits - 1 of each field, repeated over the byte.
-  const uint8_t mask = p.bits == 2 ? 0xaa : (p.bits == 4 ? 0x88 : 0x80);
-  const size_t used = static_cast<size_t>(p.n * p.row_bytes);  // not the slack
-  for (size_t i = 0; i < used; ++i) out.data[i] ^= mask;
+  // XOR with 2^(bits - 1) in every field: bit bits - 1 of each field of a block's bit stream
+  // (fields of `bits` bits from bit 0; for 2, 4 and 8 bits the pattern repeats every byte).
+  std::vector<uint8_t> mask(static_cast<size_t>(p.block_bytes), 0);
+  for (int64_t f = 0; f < 32; ++f) {
+    const int64_t bit = f * p.bits + p.bits - 1;
+    mask[static_cast<size_t>(bit / 8)] |= static_cast<uint8_t>(1u << (bit % 8));
+  }
+  for (int64_t r = 0; r < p.n; ++r) {
+    uint8_t* row = out.data.data() + r * p.row_bytes;
+    for (int64_t i = 0; i < p.row_bytes; ++i) {
+      row[i] ^= mask[static_cast<size_t>(i % p.block_bytes)];
+    }
+  }
   return out;
 }
 
