@@ -62,12 +62,14 @@ PackedQuant pack(const QuantizedMatrix& q);
 void decode_row(const PackedQuant& p, int64_t n, float* out);
 // Rows of a, then rows of b (same bits, K, group size and layout).
 PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
-// Fast mode's paired 4-bit layout of p (see PackedQuant); can_pair says when it applies.
+// Fast mode's paired 4-bit layout (see PackedQuant), in place; can_pair says when it applies (a
+// fresh layout from pack(), rows of an even number of blocks).
 bool can_pair(const PackedQuant& p);
-PackedQuant pair_blocks(const PackedQuant& p);
-// Exact mode's signed layout of p (see PackedQuant); can_sign says when it applies.
+void pair_blocks(PackedQuant& p);
+// Exact mode's signed layout (see PackedQuant), in place; can_sign says when it applies (a fresh
+// layout, sym 2/3/4/8-bit codes).
 bool can_sign(const PackedQuant& p);
-PackedQuant sign_levels(const PackedQuant& p);
+void sign_levels(PackedQuant& p);
 // True when a and b have the same layout (rows of a and b can be concatenated).
 bool same_layout(const PackedQuant& a, const PackedQuant& b);
 

@@ -64,7 +64,7 @@ inline void extract(const uint8_t* p, __m256i c[4]) {
   }
 }
 
-// The four level vectors of a 32-code block of the signed layout (2-, 4- and 8-bit codes stored
+// The four level vectors of a 32-code block of the signed layout (2-, 3-, 4- and 8-bit codes stored
 // as two's complement levels): sign extension of each field, no mask and no subtraction.
 template <int B>
 inline void extract_signed(const uint8_t* p, __m256i c[4]) {

@@ -59,20 +59,18 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
   if (active_cpu_isa() < CpuIsa::kAvx2) return;
   auto table = std::make_shared<detail::KernelTable>();
   if (storage_ == WeightStorage::kQuantized) {
-    if (packed_ == nullptr) {
-      if (!detail::can_pack(*q_)) return;  // whole 32-blocks only: the reference runs it
-      packed_ = std::make_shared<const detail::PackedQuant>(detail::pack(*q_));
-      q_.reset();  // the kernels and decode_row read the packed copy only
-    }
+    // Called once per layer, from the constructors: the layout is packed here, for the numerics
+    // chosen here (a fast layer's paired codes or an exact layer's signed levels serve only it).
+    MOQE_CHECK(packed_ == nullptr, "QuantizedLinear: kernels are chosen once, when it is built");
+    if (!detail::can_pack(*q_)) return;  // whole 32-blocks only: the reference runs it
     numerics_ = requested == Numerics::kFast && detail::fast_mode_supported(scheme_.bits)
                     ? Numerics::kFast
                     : Numerics::kExact;
-    if (numerics_ == Numerics::kFast && detail::can_pair(*packed_)) {
-      packed_ = std::make_shared<const detail::PackedQuant>(detail::pair_blocks(*packed_));
-    }
-    if (numerics_ == Numerics::kExact && detail::can_sign(*packed_)) {
-      packed_ = std::make_shared<const detail::PackedQuant>(detail::sign_levels(*packed_));
-    }
+    detail::PackedQuant packed = detail::pack(*q_);
+    if (numerics_ == Numerics::kFast && detail::can_pair(packed)) detail::pair_blocks(packed);
+    if (numerics_ == Numerics::kExact && detail::can_sign(packed)) detail::sign_levels(packed);
+    packed_ = std::make_shared<const detail::PackedQuant>(std::move(packed));
+    q_.reset();  // the kernels and decode_row read the packed copy only
     for (int m = 1; m <= 4; ++m) {
       if (numerics_ == Numerics::kFast) {
         table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m, packed_->paired);
@@ -102,7 +100,7 @@ bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear
   if (a.is_quantized()) {
     return a.scheme_.bits == b.scheme_.bits && a.scheme_.mode == b.scheme_.mode &&
            a.scheme_.scale_type == b.scheme_.scale_type && a.group_ == b.group_ &&
-           (a.packed_ != nullptr) == (b.packed_ != nullptr) &&
+           a.numerics_ == b.numerics_ && (a.packed_ != nullptr) == (b.packed_ != nullptr) &&
            (a.packed_ == nullptr || detail::same_layout(*a.packed_, *b.packed_));
   }
   return true;

@@ -65,7 +65,7 @@ PackedQuant pack(const QuantizedMatrix& q) {
 }
 
 bool can_pair(const PackedQuant& p) {
-  return p.bits == 4 && (p.k / 32) % 2 == 0 && !p.signed_levels;
+  return p.bits == 4 && (p.k / 32) % 2 == 0 && !p.paired && !p.signed_levels;
 }
 
 bool can_sign(const PackedQuant& p) {
@@ -73,24 +73,24 @@ bool can_sign(const PackedQuant& p) {
          p.zero_const == 1 << (p.bits - 1) && !p.paired && !p.signed_levels;
 }
 
-PackedQuant sign_levels(const PackedQuant& p) {
-  MOQE_CHECK(can_sign(p), "sign_levels: {}-bit rows with zero point {}", p.bits, p.zero_const);
-  PackedQuant out = p;
-  out.signed_levels = true;
+void sign_levels(PackedQuant& p) {
+  MOQE_CHECK(can_sign(p), "sign_levels: {}-bit rows with zero point {}{}", p.bits, p.zero_const,
+             p.paired || p.signed_levels ? " (not a fresh layout)" : "");
+  p.signed_levels = true;
   // XOR with 2^(bits - 1) in every field: bit bits - 1 of each field of a block's bit stream
   // (fields of `bits` bits from bit 0; for 2, 4 and 8 bits the pattern repeats every byte).
-  std::vector<uint8_t> mask(static_cast<size_t>(p.block_bytes), 0);
+  uint8_t mask[32] = {};  // block_bytes = 4 * bits <= 32
   for (int64_t f = 0; f < 32; ++f) {
     const int64_t bit = f * p.bits + p.bits - 1;
-    mask[static_cast<size_t>(bit / 8)] |= static_cast<uint8_t>(1u << (bit % 8));
+    mask[bit / 8] |= static_cast<uint8_t>(1u << (bit % 8));
   }
-  for (int64_t r = 0; r < p.n; ++r) {
-    uint8_t* row = out.data.data() + r * p.row_bytes;
-    for (int64_t i = 0; i < p.row_bytes; ++i) {
-      row[i] ^= mask[static_cast<size_t>(i % p.block_bytes)];
+  const int64_t blocks = p.n * (p.k / 32);  // rows are whole blocks, back to back
+  parallel_for(blocks, 0, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* blk = p.data.data() + b * p.block_bytes;
+      for (int64_t i = 0; i < p.block_bytes; ++i) blk[i] ^= mask[i];
     }
-  }
-  return out;
+  });
 }
 
 bool same_layout(const PackedQuant& a, const PackedQuant& b) {
@@ -99,26 +99,24 @@ bool same_layout(const PackedQuant& a, const PackedQuant& b) {
          a.signed_levels == b.signed_levels;
 }
 
-PackedQuant pair_blocks(const PackedQuant& p) {
-  MOQE_CHECK(can_pair(p) && !p.paired, "pair_blocks: {}-bit rows of {} blocks{}", p.bits, p.k / 32,
-             p.paired ? " (already paired)" : "");
-  PackedQuant out = p;
-  out.paired = true;
-  parallel_for(p.n, 0, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* in = p.data.data() + r * p.row_bytes;
-      uint8_t* dst = out.data.data() + r * p.row_bytes;
+void pair_blocks(PackedQuant& p) {
+  MOQE_CHECK(can_pair(p), "pair_blocks: {}-bit rows of {} blocks{}", p.bits, p.k / 32,
+             p.paired || p.signed_levels ? " (not a fresh layout)" : "");
+  p.paired = true;
+  const int64_t pairs = p.n * (p.k / 64);  // rows are whole pairs, back to back
+  parallel_for(pairs, 0, 4096, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      uint8_t* blk = p.data.data() + q * 32;
+      uint8_t in[32];
+      std::memcpy(in, blk, 32);
       // Nibble t of a 16-byte block is the code at position t (lane t / 4, code t % 4).
-      for (int64_t pair = 0; pair < p.k / 64; ++pair, in += 32, dst += 32) {
-        for (int t = 0; t < 32; ++t) {
-          const int lo = (in[t / 2] >> (4 * (t % 2))) & 0xf;
-          const int hi = (in[16 + t / 2] >> (4 * (t % 2))) & 0xf;
-          dst[t] = static_cast<uint8_t>(lo | (hi << 4));
-        }
+      for (int t = 0; t < 32; ++t) {
+        const int lo = (in[t / 2] >> (4 * (t % 2))) & 0xf;
+        const int hi = (in[16 + t / 2] >> (4 * (t % 2))) & 0xf;
+        blk[t] = static_cast<uint8_t>(lo | (hi << 4));
       }
     }
   });
-  return out;
 }
 
 void decode_row(const PackedQuant& p, int64_t n, float* out) {

@@ -78,9 +78,9 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
             REQUIRE(fast.isa() == CpuIsa::kAvx2);
             REQUIRE(ref.isa() == CpuIsa::kReference);
             CAPTURE(k, s.to_string());
-            // The repacked layout (signed levels for sym 2/4/8 bits) decodes to the reference.
+            // The repacked layout (signed levels for sym 2/3/4/8 bits) decodes to the reference.
             CHECK(fast.to_f32() == dequantize(q));
-            // 17 and 64 rows: the tiled GEMM of exact mode (kQuantGemmMinRows; row counts with
+            // 17 and 64 rows: the tiled GEMM of exact mode (kGemmMinRows; row counts with
             // and without a remainder of its three-row tiles, N not a multiple of its four-row
             // blocks, K in chunks of whole groups or one per-channel row).
             for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++);
@@ -89,6 +89,47 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
       }
     }
   }
+}
+
+TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  struct Shape {
+    int64_t n, k, group;
+    int bits;
+    QuantMode mode;
+  };
+  // N = 300 on two threads: ranges of 150 rows, several L2 row blocks of 16+ rows at K = 4096
+  // (5..11 rows: the four-row kernels over row blocks). Groups of 96 (K = 960: chunks of 480), a
+  // group of 1024 beyond the 512-column chunk (K = 2048), per-channel K = 1056 (not a multiple of
+  // 512), with 12..14 and 40 rows: the tiled GEMM's tails in M (3-row tiles), N (4-row blocks) and
+  // its chunking.
+  const Shape shapes[] = {{300, 4096, 128, 8, QuantMode::kSym},
+                          {37, 960, 96, 4, QuantMode::kSym},
+                          {37, 960, 96, 3, QuantMode::kAsym},
+                          {21, 2048, 1024, 4, QuantMode::kSymFull},
+                          {19, 1056, kPerChannel, 2, QuantMode::kSym}};
+  uint32_t seed = 500;
+  for (const Shape& sh : shapes) {
+    const QuantScheme s{sh.bits, sh.mode, sh.group};
+    REQUIRE(check_scheme(s, sh.k).empty());
+    const auto wv = randn(static_cast<size_t>(sh.n * sh.k), seed++);
+    const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), sh.n, sh.k), s);
+    const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
+    CAPTURE(sh.n, sh.k, s.to_string());
+    CHECK(fast.to_f32() == dequantize(q));
+    for (int64_t m : {5, 7, 11, 12, 13, 14, 40}) check_close(fast, ref, m, seed++);
+  }
+  // Dense weights through the tiled GEMM with a two-row tail (14 = 3 * 4 + 2).
+  const auto wd = randn(static_cast<size_t>(23 * 512), 77);
+  const auto make = [&](CpuIsa isa) {
+    const test::ScopedCpuIsa cap(isa);
+    return QuantizedLinear::from_f32(wd, 23, 512);
+  };
+  const QuantizedLinear df = make(CpuIsa::kAvx2), dr = make(CpuIsa::kReference);
+  for (int64_t m : {14, 15}) check_close(df, dr, m, seed++);
 }
 
 TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm][kernels]") {
@@ -202,10 +243,13 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
   }
   // Fast mode's paired 4-bit layout (rows of an even number of blocks) decodes to the reference,
   // fuses only with layers of the same layout, and a fused layer computes each part's rows.
-  {
-    const int64_t n = 13, k = 320;  // 10 blocks: 5 pairs
+  // Groups of one block (pairs span two groups, fp16 scales) and of three blocks (groups end in
+  // the middle of a pair, fp32 scales).
+  for (const auto& [k, s] :
+       {std::pair<int64_t, QuantScheme>{320, {4, QuantMode::kAsym, 32}},
+        std::pair<int64_t, QuantScheme>{192, {4, QuantMode::kSym, 96, ScaleType::kF32}}}) {
+    const int64_t n = 13;
     const auto wa = randn(static_cast<size_t>(n * k), 7), wb = randn(static_cast<size_t>(n * k), 8);
-    const QuantScheme s{4, QuantMode::kAsym, 32};  // pairs span two groups
     const QuantizedMatrix qa = quantize(MatrixView<const float>(wa.data(), n, k), s);
     const QuantizedMatrix qb = quantize(MatrixView<const float>(wb.data(), n, k), s);
     const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
@@ -232,6 +276,15 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
       }
     }
     CHECK(differ == 0);
+  }
+  // Layers of different numerics never fuse, even where their layouts coincide (8-bit asym).
+  {
+    const auto w8 = randn(8 * 64, 11);
+    const QuantizedMatrix q8 =
+        quantize(MatrixView<const float>(w8.data(), 8, 64), {8, QuantMode::kAsym, 32});
+    const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
+    CHECK_FALSE(QuantizedLinear::can_concat(QuantizedLinear::from_quantized(q8, Numerics::kFast),
+                                            QuantizedLinear::from_quantized(q8)));
   }
   // Widths fast mode does not cover run exact.
   const auto wv = randn(4 * 64, 1);
