@@ -95,9 +95,10 @@ StoredScheme parse_scheme_json(std::string_view full_text, std::string_view what
              s.cols);
   // The companion tensors' sizes (rows x cols x bits / 8 and the like) must not overflow: the
   // stored parts are then checked against them.
-  int64_t bits_total = 0;
-  MOQE_CHECK(!__builtin_mul_overflow(s.rows, s.cols, &bits_total) &&
-                 !__builtin_mul_overflow(bits_total, int64_t{8}, &bits_total),
+  // A row's bits (cols x 8 at most) must fit even when there are no rows.
+  int64_t row_bits = 0, bits_total = 0;
+  MOQE_CHECK(!__builtin_mul_overflow(s.cols, int64_t{8}, &row_bits) &&
+                 !__builtin_mul_overflow(s.rows, row_bits, &bits_total),
              "{}: quantized shape [{}, {}] is too large (its size overflows 64 bits)", what, s.rows,
              s.cols);
   validate_scheme(s.scheme, s.cols, what);

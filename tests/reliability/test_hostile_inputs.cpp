@@ -193,6 +193,10 @@ TEST_CASE("quantized shapes whose sizes overflow are errors, not undefined behav
              Contains(what) && Contains("too large"));
   CHECK_THAT(error_of([&] { parse_scheme_json(scheme("[2305843009213693952,32]"), what); }),
              Contains("too large"));
+  // Found by fuzz_safetensors (UBSan, 2026-11-22): with no rows the product rows x cols x 8 is 0,
+  // but one row's bits (cols x 8) still overflowed in packed_row_bytes.
+  CHECK_THAT(error_of([&] { parse_scheme_json(scheme("[0,4611686018427387904]"), what); }),
+             Contains("too large"));
   // 2^32 + 4 used to be truncated to 4 bits and accepted.
   CHECK_THAT(error_of([&] { parse_scheme_json(scheme("[1,32]", "4294967300"), what); }),
              Contains("unsupported bits 4294967300"));
