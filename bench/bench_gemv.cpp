@@ -2,10 +2,10 @@
 // rotates among enough copies of W to exceed 512 MiB, far beyond the last-level cache, as in
 // decoding where each layer's weights are read once per token). bytes_per_second counts weight
 // bytes; items_per_second counts tokens (rows of x).
-// BM_GemvHot/<weights>/2048x4096/batch:<M> (M = 1, 4, 8, 16): the same on one thread with one copy of W that stays
-// in the caches (4-16 MB): the kernels' instruction throughput, free of the memory system's noise
-// (the figure to compare when changing a kernel's inner loop); items_per_second counts weights x
-// rows.
+// BM_GemvHot/<weights>/2048x4096/batch:<M> (M = 1, 4, 8, 16): the same on one thread with one
+// copy of W that stays in the caches (4-16 MB): the kernels' instruction throughput, free of the
+// memory system's noise (the figure to compare when changing a kernel's inner loop);
+// items_per_second counts weights x rows.
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
