@@ -277,16 +277,7 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack_glu(std::span<const Quantized
                "up [{}, {}] {}: a GLU matrix needs one shape and scheme",
                e, g.rows(), g.cols(), g.scheme().to_string(), u.rows(), u.cols(),
                u.scheme().to_string());
-    // [gate; up] by rows: valid because groups never cross rows.
-    std::vector<uint8_t> qw(g.qweight().begin(), g.qweight().end());
-    qw.insert(qw.end(), u.qweight().begin(), u.qweight().end());
-    std::vector<float> sc(g.scales().begin(), g.scales().end());
-    sc.insert(sc.end(), u.scales().begin(), u.scales().end());
-    std::vector<uint8_t> zs(g.zeros().begin(), g.zeros().end());
-    zs.insert(zs.end(), u.zeros().begin(), u.zeros().end());
-    fused.push_back(QuantizedMatrix::from_parts(2 * g.rows(), g.cols(), g.scheme(), std::move(qw),
-                                                std::move(sc), std::move(zs),
-                                                MOQE_FORMAT("expert {} gate and up", e)));
+    fused.push_back(QuantizedMatrix::concat_rows(g, u, MOQE_FORMAT("expert {} gate and up", e)));
   }
   return build(fused, path, true);
 }

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.hpp"
@@ -277,20 +278,6 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
   tiled_gemm(decode, scale, w.k, w.group, x, ldx, m, y, ldy, n0, n1);
 }
 
-template <int B, bool S = false>
-QuantKernel pick_quant(int mcount) {
-  switch (mcount) {
-    case 1:
-      return quant_kernel<B, 1, S>;
-    case 2:
-      return quant_kernel<B, 2, S>;
-    case 3:
-      return quant_kernel<B, 3, S>;
-    default:
-      return quant_kernel<B, 4, S>;
-  }
-}
-
 template <DenseKind D>
 inline __m256 load_w(const void* w, int64_t i) {
   if constexpr (D == DenseKind::kF32) {
@@ -360,20 +347,6 @@ void dense_gemm_kernel(const void* w, int64_t k, const float* x, int64_t ldx, in
   };
   auto scale = [](int64_t, int64_t) { return 1.0f; };
   tiled_gemm(decode, scale, k, kGemmChunk, x, ldx, m, y, ldy, n0, n1);
-}
-
-template <DenseKind D>
-DenseKernel pick_dense(int mcount) {
-  switch (mcount) {
-    case 1:
-      return dense_kernel<D, 1>;
-    case 2:
-      return dense_kernel<D, 2>;
-    case 3:
-      return dense_kernel<D, 3>;
-    default:
-      return dense_kernel<D, 4>;
-  }
 }
 
 // The 32 codes of a block as bytes, in the block's lane order (lane i's codes j = 0..3 at bytes
@@ -490,86 +463,69 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
   }
 }
 
-template <int B>
-FastKernel pick_fast(int mcount) {
+// The kernel choice, written once: f(std::integral_constant<...>{}) for the runtime value, so a
+// caller names its template once.
+template <int V>
+using Int = std::integral_constant<int, V>;
+// Rows of activations per call: 1..4 (more: 4).
+template <class F>
+auto by_rows(int mcount, F f) {
   switch (mcount) {
     case 1:
-      return fast_kernel<B, 1>;
+      return f(Int<1>{});
     case 2:
-      return fast_kernel<B, 2>;
+      return f(Int<2>{});
     case 3:
-      return fast_kernel<B, 3>;
+      return f(Int<3>{});
     default:
-      return fast_kernel<B, 4>;
+      return f(Int<4>{});
   }
+}
+// Code widths: 2, 3, 4, 8.
+template <class F>
+auto by_bits(int bits, F f) {
+  switch (bits) {
+    case 2:
+      return f(Int<2>{});
+    case 3:
+      return f(Int<3>{});
+    case 4:
+      return f(Int<4>{});
+    default:
+      return f(Int<8>{});
+  }
+}
+template <class F>
+auto by_flag(bool flag, F f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
 }  // namespace
 
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {
-  if (paired) {
-    switch (mcount) {
-      case 1:
-        return fast_pair_kernel<1>;
-      case 2:
-        return fast_pair_kernel<2>;
-      case 3:
-        return fast_pair_kernel<3>;
-      default:
-        return fast_pair_kernel<4>;
-    }
-  }
-  return bits == 8 ? pick_fast<8>(mcount) : pick_fast<4>(mcount);
+  return by_rows(mcount, [&](auto m) -> FastKernel {
+    constexpr int M = decltype(m)::value;
+    if (paired) return fast_pair_kernel<M>;
+    return bits == 8 ? fast_kernel<8, M> : fast_kernel<4, M>;
+  });
 }
 
 QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels) {
-  if (signed_levels) {
-    switch (bits) {
-      case 2:
-        return quant_gemm_kernel<2, true>;
-      case 3:
-        return quant_gemm_kernel<3, true>;
-      case 4:
-        return quant_gemm_kernel<4, true>;
-      default:
-        return quant_gemm_kernel<8, true>;
-    }
-  }
-  switch (bits) {
-    case 2:
-      return quant_gemm_kernel<2, false>;
-    case 3:
-      return quant_gemm_kernel<3, false>;
-    case 4:
-      return quant_gemm_kernel<4, false>;
-    default:
-      return quant_gemm_kernel<8, false>;
-  }
+  return by_bits(bits, [&](auto b) {
+    return by_flag(signed_levels, [](auto s) -> QuantGemmKernel {
+      return quant_gemm_kernel<decltype(b)::value, decltype(s)::value>;
+    });
+  });
 }
 
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels) {
-  if (signed_levels) {
-    switch (bits) {
-      case 2:
-        return pick_quant<2, true>(mcount);
-      case 3:
-        return pick_quant<3, true>(mcount);
-      case 4:
-        return pick_quant<4, true>(mcount);
-      default:
-        return pick_quant<8, true>(mcount);
-    }
-  }
-  switch (bits) {
-    case 2:
-      return pick_quant<2>(mcount);
-    case 3:
-      return pick_quant<3>(mcount);
-    case 4:
-      return pick_quant<4>(mcount);
-    default:
-      return pick_quant<8>(mcount);
-  }
+  return by_bits(bits, [&](auto b) {
+    return by_flag(signed_levels, [&](auto s) {
+      return by_rows(mcount, [](auto m) -> QuantKernel {
+        return quant_kernel<decltype(b)::value, decltype(m)::value, decltype(s)::value>;
+      });
+    });
+  });
 }
 
 DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind) {
@@ -584,14 +540,17 @@ DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind) {
 }
 
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount) {
-  switch (kind) {
-    case DenseKind::kF32:
-      return pick_dense<DenseKind::kF32>(mcount);
-    case DenseKind::kF16:
-      return pick_dense<DenseKind::kF16>(mcount);
-    default:
-      return pick_dense<DenseKind::kBF16>(mcount);
-  }
+  return by_rows(mcount, [&](auto m) -> DenseKernel {
+    constexpr int M = decltype(m)::value;
+    switch (kind) {
+      case DenseKind::kF32:
+        return dense_kernel<DenseKind::kF32, M>;
+      case DenseKind::kF16:
+        return dense_kernel<DenseKind::kF16, M>;
+      default:
+        return dense_kernel<DenseKind::kBF16, M>;
+    }
+  });
 }
 
 }  // namespace moqe::detail

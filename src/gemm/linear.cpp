@@ -130,19 +130,7 @@ QuantizedLinear QuantizedLinear::concat_rows(const QuantizedLinear& a, const Qua
             detail::concat_rows(*a.packed_, *b.packed_));
         return l;
       }
-      const QuantizedMatrix& qa = *a.q_;
-      const QuantizedMatrix& qb = *b.q_;
-      QuantScheme s = qa.scheme();
-      s.group_size = qa.group_size() == qa.cols() ? kPerChannel : qa.group_size();
-      return from_quantized(QuantizedMatrix::from_parts(
-                                qa.rows() + qb.rows(), qa.cols(), s,
-                                cat(std::vector<uint8_t>(qa.qweight().begin(), qa.qweight().end()),
-                                    std::vector<uint8_t>(qb.qweight().begin(), qb.qweight().end())),
-                                cat(std::vector<float>(qa.scales().begin(), qa.scales().end()),
-                                    std::vector<float>(qb.scales().begin(), qb.scales().end())),
-                                cat(std::vector<uint8_t>(qa.zeros().begin(), qa.zeros().end()),
-                                    std::vector<uint8_t>(qb.zeros().begin(), qb.zeros().end())),
-                                "fused gate_up"),
+      return from_quantized(QuantizedMatrix::concat_rows(*a.q_, *b.q_, "fused gate_up"),
                             a.numerics_);
     }
   }

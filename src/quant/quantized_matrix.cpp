@@ -15,6 +15,22 @@ constexpr int64_t kRowsPerChunk = 4;
 
 }  // namespace
 
+QuantizedMatrix QuantizedMatrix::concat_rows(const QuantizedMatrix& a, const QuantizedMatrix& b,
+                                             std::string_view name) {
+  MOQE_CHECK(a.cols() == b.cols() && a.bits() == b.bits() && a.scheme().mode == b.scheme().mode &&
+                 a.scheme().scale_type == b.scheme().scale_type && a.group_size() == b.group_size(),
+             "{}: cannot stack [{}, {}] {} on [{}, {}] {} (columns and code layout must match)",
+             name, b.rows(), b.cols(), b.scheme().to_string(), a.rows(), a.cols(),
+             a.scheme().to_string());
+  auto cat = [](auto x, auto y) {
+    std::vector<typename decltype(x)::value_type> out(x.begin(), x.end());
+    out.insert(out.end(), y.begin(), y.end());
+    return out;
+  };
+  return from_parts(a.rows() + b.rows(), a.cols(), a.scheme(), cat(a.qweight(), b.qweight()),
+                    cat(a.scales(), b.scales()), cat(a.zeros(), b.zeros()), name);
+}
+
 QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const QuantScheme& scheme,
                                             std::vector<uint8_t> qweight, std::vector<float> scales,
                                             std::vector<uint8_t> zeros, std::string_view name) {

@@ -237,3 +237,30 @@ TEST_CASE("from_parts checks every size and names the tensor", "[quant][quantize
                                                 std::vector<uint8_t>(2), "x"),
                     Catch::Contains("not finite"));
 }
+
+TEST_CASE("concat_rows stacks rows of matching code layouts and names a mismatch",
+          "[quant][quantize]") {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> wa(3 * 64), wb(2 * 64);
+  for (auto& v : wa) v = g(rng);
+  for (auto& v : wb) v = g(rng);
+  const QuantizedMatrix a =
+      quantize(MatrixView<const float>(wa.data(), 3, 64), {4, QuantMode::kAsym, 32});
+  const QuantizedMatrix b =
+      quantize(MatrixView<const float>(wb.data(), 2, 64), {4, QuantMode::kAsym, 32});
+  const QuantizedMatrix ab = QuantizedMatrix::concat_rows(a, b, "gate_up");
+  REQUIRE(ab.rows() == 5);
+  const std::vector<float> da = dequantize(a), db = dequantize(b), dab = dequantize(ab);
+  std::vector<float> want(da);
+  want.insert(want.end(), db.begin(), db.end());
+  CHECK(dab == want);
+  // Per channel equals groups of K; other layouts are refused with the name.
+  const QuantizedMatrix pc =
+      quantize(MatrixView<const float>(wb.data(), 2, 64), {4, QuantMode::kAsym, kPerChannel});
+  const QuantizedMatrix g64 =
+      quantize(MatrixView<const float>(wa.data(), 3, 64), {4, QuantMode::kAsym, 64});
+  CHECK(QuantizedMatrix::concat_rows(g64, pc, "x").rows() == 5);
+  CHECK_THROWS_WITH(QuantizedMatrix::concat_rows(a, pc, "gate_up"),
+                    Catch::Contains("gate_up") && Catch::Contains("code layout"));
+}

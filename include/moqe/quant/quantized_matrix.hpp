@@ -26,6 +26,10 @@ class QuantizedMatrix {
   static QuantizedMatrix from_parts(int64_t rows, int64_t cols, const QuantScheme& scheme,
                                     std::vector<uint8_t> qweight, std::vector<float> scales,
                                     std::vector<uint8_t> zeros, std::string_view name = "matrix");
+  // The rows of a, then the rows of b (valid because groups never cross rows): both must have
+  // the same columns, bits, mode, scale type and resolved group size (per channel = groups of K).
+  static QuantizedMatrix concat_rows(const QuantizedMatrix& a, const QuantizedMatrix& b,
+                                     std::string_view name = "matrix");
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
