@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build ccache libfmt-dev nlohmann-json3-dev libcli11-dev
-          catch2 libbenchmark-dev libeigen3-dev libopenmpi-dev openmpi-bin ${MOQE_DEPS_EXTRA:-})
+          catch2 libbenchmark-dev libeigen3-dev libopenmpi-dev openmpi-bin libsimde-dev ${MOQE_DEPS_EXTRA:-})
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

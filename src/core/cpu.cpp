@@ -1,6 +1,7 @@
 #include "moqe/core/cpu.hpp"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 
 namespace moqe {
@@ -38,17 +39,30 @@ const CpuFeatures& cpu_features() {
 CpuIsa best_cpu_isa() {
 #if defined(MOQE_HAVE_AVX2_KERNELS)
   const CpuFeatures& f = cpu_features();
-  if (f.avx2 && f.fma && f.f16c) return CpuIsa::kAvx2;
+  if (!(f.avx2 && f.fma && f.f16c)) return CpuIsa::kReference;
+#if defined(MOQE_HAVE_AVX512_KERNELS)
+  // __builtin_cpu_supports reports AVX-512 only when the OS saves the ZMM state (XCR0).
+  if (f.avx512f && f.avx512bw) return f.avx512vnni ? CpuIsa::kAvx512Vnni : CpuIsa::kAvx512;
 #endif
+  return CpuIsa::kAvx2;
+#else
   return CpuIsa::kReference;
+#endif
 }
 
 CpuIsa cpu_isa_cap() {
   int cap = g_cap.load(std::memory_order_relaxed);
   if (cap < 0) {
-    cap = static_cast<int>(CpuIsa::kAvx2);
+    cap = static_cast<int>(CpuIsa::kAvx512Vnni);
     if (const char* env = std::getenv("MOQE_CPU_ISA")) {
-      if (auto isa = parse_cpu_isa(env)) cap = static_cast<int>(*isa);
+      if (auto isa = parse_cpu_isa(env)) {
+        cap = static_cast<int>(*isa);
+      } else {
+        std::fprintf(stderr,
+                     "moqe: MOQE_CPU_ISA=%s is not one of reference, avx2, avx512, avx512vnni; "
+                     "ignored\n",
+                     env);
+      }
     }
     g_cap.store(cap, std::memory_order_relaxed);
   }
@@ -68,6 +82,10 @@ std::string_view to_string(CpuIsa isa) {
       return "reference";
     case CpuIsa::kAvx2:
       return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx512Vnni:
+      return "avx512vnni";
   }
   return "?";
 }
@@ -75,6 +93,8 @@ std::string_view to_string(CpuIsa isa) {
 std::optional<CpuIsa> parse_cpu_isa(std::string_view s) {
   if (s == "reference" || s == "scalar") return CpuIsa::kReference;
   if (s == "avx2") return CpuIsa::kAvx2;
+  if (s == "avx512") return CpuIsa::kAvx512;
+  if (s == "avx512vnni") return CpuIsa::kAvx512Vnni;
   return std::nullopt;
 }
 

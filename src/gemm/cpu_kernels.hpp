@@ -116,6 +116,12 @@ struct KernelTable {
   DenseKernel dense[4] = {};
 };
 
+// The AVX-512 kernels read pairs of blocks: rows of an even number of blocks whose groups are one
+// block or whole pairs (per-channel rows included).
+inline bool avx512_fits(const PackedQuant& p) {
+  return p.k % 64 == 0 && (p.group == 32 || p.group % 64 == 0);
+}
+
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels);
 QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels);
@@ -123,6 +129,11 @@ DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
 DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind);
 // `paired`: the kernel for the paired 4-bit layout.
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired);
+#endif
+#if defined(MOQE_HAVE_AVX512_KERNELS)
+// Rows that avx512_fits. Fast mode: 8-bit codes and the paired 4-bit layout (nullptr otherwise).
+QuantKernel quant_kernel_avx512(int bits, int mcount, bool signed_levels);
+FastKernel fast_kernel_avx512vnni(int bits, int mcount, bool paired);
 #endif
 
 }  // namespace moqe::detail

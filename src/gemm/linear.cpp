@@ -71,6 +71,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     if (numerics_ == Numerics::kExact && detail::can_sign(packed)) detail::sign_levels(packed);
     packed_ = std::make_shared<const detail::PackedQuant>(std::move(packed));
     q_.reset();  // the kernels and decode_row read the packed copy only
+    isa_ = CpuIsa::kAvx2;
     for (int m = 1; m <= 4; ++m) {
       if (numerics_ == Numerics::kFast) {
         table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m, packed_->paired);
@@ -78,6 +79,26 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
         table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m, packed_->signed_levels);
       }
     }
+#if defined(MOQE_HAVE_AVX512_KERNELS)
+    // The same layouts, read two blocks at a time (rows that avx512_fits); the prefill GEMM below
+    // stays AVX2's.
+    if (detail::avx512_fits(*packed_)) {
+      if (numerics_ == Numerics::kExact && active_cpu_isa() >= CpuIsa::kAvx512) {
+        for (int m = 1; m <= 4; ++m) {
+          table->quant[m - 1] =
+              detail::quant_kernel_avx512(scheme_.bits, m, packed_->signed_levels);
+        }
+        isa_ = CpuIsa::kAvx512;
+      }
+      if (numerics_ == Numerics::kFast && active_cpu_isa() >= CpuIsa::kAvx512Vnni &&
+          detail::fast_kernel_avx512vnni(scheme_.bits, 1, packed_->paired) != nullptr) {
+        for (int m = 1; m <= 4; ++m) {
+          table->fast[m - 1] = detail::fast_kernel_avx512vnni(scheme_.bits, m, packed_->paired);
+        }
+        isa_ = CpuIsa::kAvx512Vnni;
+      }
+    }
+#endif
     if (numerics_ == Numerics::kExact) {
       table->quant_gemm = detail::quant_gemm_kernel_avx2(scheme_.bits, packed_->signed_levels);
     }
@@ -89,7 +110,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     if (k_ % 8 == 0) table->dense_gemm = detail::dense_gemm_kernel_avx2(kind);
   }
   kernels_ = std::move(table);
-  isa_ = CpuIsa::kAvx2;
+  if (isa_ == CpuIsa::kReference) isa_ = CpuIsa::kAvx2;
 #else
   (void)requested;
 #endif
@@ -216,7 +237,7 @@ void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch)
   scratch.k = k_;
   scratch.groups = 0;
 #if defined(MOQE_HAVE_AVX2_KERNELS)
-  if (isa_ == CpuIsa::kAvx2 && packed_) {
+  if (isa_ >= CpuIsa::kAvx2 && packed_) {
     if (numerics_ == Numerics::kFast) {
       detail::quantize_activations(x.data(), x.row_stride(), x.rows(), k_, packed_->group, scratch);
     }

@@ -25,6 +25,16 @@ std::vector<float> randn(size_t n, uint32_t seed) {
   return v;
 }
 
+// The SIMD levels this machine runs natively: AVX2, and AVX-512 (F + BW, then VNNI) where present.
+// (tests/gemm/test_avx512_emulated.cpp checks the AVX-512 kernels on any machine.)
+std::vector<CpuIsa> simd_isas() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Vnni}) {
+    if (isa <= best_cpu_isa()) out.push_back(isa);
+  }
+  return out;
+}
+
 // Builds the layer under the given cap (the kernel is chosen at construction).
 QuantizedLinear build(CpuIsa isa, const QuantizedMatrix& q) {
   const test::ScopedCpuIsa cap(isa);
@@ -73,17 +83,24 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
             const int64_t n = 37;  // odd
             const auto wv = randn(static_cast<size_t>(n * k), seed++);
             const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
-            const QuantizedLinear fast = build(CpuIsa::kAvx2, q),
-                                  ref = build(CpuIsa::kReference, q);
-            REQUIRE(fast.isa() == CpuIsa::kAvx2);
+            const QuantizedLinear ref = build(CpuIsa::kReference, q);
             REQUIRE(ref.isa() == CpuIsa::kReference);
-            CAPTURE(k, s.to_string());
-            // The repacked layout (signed levels for sym 2/3/4/8 bits) decodes to the reference.
-            CHECK(fast.to_f32() == dequantize(q));
-            // 17 and 64 rows: the tiled GEMM of exact mode (kGemmMinRows; row counts with
-            // and without a remainder of its three-row tiles, N not a multiple of its four-row
-            // blocks, K in chunks of whole groups or one per-channel row).
-            for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++);
+            for (CpuIsa isa : simd_isas()) {
+              const QuantizedLinear fast = build(isa, q);
+              // AVX-512 kernels take rows of whole pairs of blocks (K % 64 == 0) whose groups
+              // are one block or whole pairs; other rows keep AVX2's.
+              const bool pairs = k % 64 == 0 && (q.group_size() == 32 || q.group_size() % 64 == 0);
+              REQUIRE(fast.isa() ==
+                      (isa >= CpuIsa::kAvx512 && pairs ? CpuIsa::kAvx512 : CpuIsa::kAvx2));
+              CAPTURE(k, s.to_string(), to_string(isa));
+              // The repacked layout (signed levels for sym 2/3/4/8 bits) decodes to the
+              // reference.
+              CHECK(fast.to_f32() == dequantize(q));
+              // 17 and 64 rows: the tiled GEMM of exact mode (kGemmMinRows; row counts with
+              // and without a remainder of its three-row tiles, N not a multiple of its
+              // four-row blocks, K in chunks of whole groups or one per-channel row).
+              for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++);
+            }
           }
         }
       }
@@ -223,53 +240,55 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
           const int64_t n = 21;
           const auto wv = randn(static_cast<size_t>(n * k), seed++);
           const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
-          const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
-          const QuantizedLinear fast = QuantizedLinear::from_quantized(q, Numerics::kFast);
-          const QuantizedLinear exact = QuantizedLinear::from_quantized(q);
-          REQUIRE(fast.numerics() == Numerics::kFast);
-          REQUIRE(exact.numerics() == Numerics::kExact);
-          CAPTURE(k, s.to_string());
-          for (int64_t m_count : {1, 3, 6}) {
-            const auto x = randn(static_cast<size_t>(m_count * k), seed++);
-            std::vector<float> y(static_cast<size_t>(m_count * n)), ye(y.size());
-            fast.forward(MatrixView<const float>(x.data(), m_count, k),
-                         MatrixView<float>(y.data(), m_count, n), 2);
-            exact.forward(MatrixView<const float>(x.data(), m_count, k),
-                          MatrixView<float>(ye.data(), m_count, n), 2);
-            double err2 = 0, ref2 = 0;
-            for (int64_t m = 0; m < m_count; ++m) {
-              // The definition: x quantized per 32-block to int8 (round to nearest even, scale
-              // max|x| / 127), integer products with the codes, block and group scales applied.
-              std::vector<int> xq(static_cast<size_t>(k));
-              std::vector<double> d(static_cast<size_t>(k / 32));
-              for (int64_t b = 0; b < k / 32; ++b) {
-                float amax = 0;
-                for (int i = 0; i < 32; ++i)
-                  amax = std::max(amax, std::fabs(x[m * k + 32 * b + i]));
-                const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
-                d[b] = db;
-                for (int i = 0; i < 32; ++i) {
-                  xq[32 * b + i] = static_cast<int>(std::lrintf(x[m * k + 32 * b + i] * inv));
+          for (CpuIsa isa : simd_isas()) {
+            const test::ScopedCpuIsa cap(isa);
+            const QuantizedLinear fast = QuantizedLinear::from_quantized(q, Numerics::kFast);
+            const QuantizedLinear exact = QuantizedLinear::from_quantized(q);
+            REQUIRE(fast.numerics() == Numerics::kFast);
+            REQUIRE(exact.numerics() == Numerics::kExact);
+            CAPTURE(k, s.to_string(), to_string(isa), to_string(fast.isa()));
+            for (int64_t m_count : {1, 3, 6}) {
+              const auto x = randn(static_cast<size_t>(m_count * k), seed++);
+              std::vector<float> y(static_cast<size_t>(m_count * n)), ye(y.size());
+              fast.forward(MatrixView<const float>(x.data(), m_count, k),
+                           MatrixView<float>(y.data(), m_count, n), 2);
+              exact.forward(MatrixView<const float>(x.data(), m_count, k),
+                            MatrixView<float>(ye.data(), m_count, n), 2);
+              double err2 = 0, ref2 = 0;
+              for (int64_t m = 0; m < m_count; ++m) {
+                // The definition: x quantized per 32-block to int8 (round to nearest even, scale
+                // max|x| / 127), integer products with the codes, block and group scales applied.
+                std::vector<int> xq(static_cast<size_t>(k));
+                std::vector<double> d(static_cast<size_t>(k / 32));
+                for (int64_t b = 0; b < k / 32; ++b) {
+                  float amax = 0;
+                  for (int i = 0; i < 32; ++i)
+                    amax = std::max(amax, std::fabs(x[m * k + 32 * b + i]));
+                  const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+                  d[b] = db;
+                  for (int i = 0; i < 32; ++i) {
+                    xq[32 * b + i] = static_cast<int>(std::lrintf(x[m * k + 32 * b + i] * inv));
+                  }
+                }
+                for (int64_t r = 0; r < n; ++r) {
+                  double ref = 0, bound = 0;
+                  for (int64_t c = 0; c < k; ++c) {
+                    const int64_t grp = c / q.group_size();
+                    const int u = static_cast<int>(unpack_code(q.packed_row(r), c, bits));
+                    const double sd = double(q.scale(r, grp)) * d[c / 32];
+                    ref += sd * (u - q.zero(r, grp)) * xq[c];
+                    bound += std::fabs(sd) * (std::abs(u) + 128 + q.zero(r, grp)) * std::abs(xq[c]);
+                  }
+                  const double tol = 2.0 * double(k + 8) * std::ldexp(1.0, -24) * bound;
+                  REQUIRE(std::fabs(y[m * n + r] - ref) <= tol);
+                  err2 += (double(y[m * n + r]) - ye[m * n + r]) *
+                          (double(y[m * n + r]) - ye[m * n + r]);
+                  ref2 += double(ye[m * n + r]) * ye[m * n + r];
                 }
               }
-              for (int64_t r = 0; r < n; ++r) {
-                double ref = 0, bound = 0;
-                for (int64_t c = 0; c < k; ++c) {
-                  const int64_t grp = c / q.group_size();
-                  const int u = static_cast<int>(unpack_code(q.packed_row(r), c, bits));
-                  const double sd = double(q.scale(r, grp)) * d[c / 32];
-                  ref += sd * (u - q.zero(r, grp)) * xq[c];
-                  bound += std::fabs(sd) * (std::abs(u) + 128 + q.zero(r, grp)) * std::abs(xq[c]);
-                }
-                const double tol = 2.0 * double(k + 8) * std::ldexp(1.0, -24) * bound;
-                REQUIRE(std::fabs(y[m * n + r] - ref) <= tol);
-                err2 +=
-                    (double(y[m * n + r]) - ye[m * n + r]) * (double(y[m * n + r]) - ye[m * n + r]);
-                ref2 += double(ye[m * n + r]) * ye[m * n + r];
-              }
+              // Against exact mode: int8 activations carry about 1/254 relative rounding per value.
+              CHECK(std::sqrt(err2 / ref2) < 0.02);
             }
-            // Against exact mode: int8 activations carry about 1/254 relative rounding per value.
-            CHECK(std::sqrt(err2 / ref2) < 0.02);
           }
         }
       }

@@ -1,6 +1,7 @@
 // Runtime CPU feature detection and the instruction-set level moqe's CPU kernels use. Kernels are
 // chosen once, when a layer is built, from active_cpu_isa(); tests and benchmarks cap it with
-// set_cpu_isa_cap() or the environment variable MOQE_CPU_ISA (reference | avx2).
+// set_cpu_isa_cap() or the environment variable MOQE_CPU_ISA (reference | avx2 | avx512 |
+// avx512vnni).
 #pragma once
 
 #include <cstdint>
@@ -11,8 +12,10 @@ namespace moqe {
 
 // Ordered: a higher level implies the lower ones are usable too.
 enum class CpuIsa : uint8_t {
-  kReference,  // portable C++: the scalar oracle's own loops
-  kAvx2,       // AVX2 + FMA + F16C
+  kReference,   // portable C++: the scalar oracle's own loops
+  kAvx2,        // AVX2 + FMA + F16C
+  kAvx512,      // + AVX-512 F and BW: exact mode's decode kernels, 16 lanes
+  kAvx512Vnni,  // + AVX-512 VNNI: fast mode's integer dot products
 };
 
 struct CpuFeatures {

@@ -1,7 +1,7 @@
 // QuantizedLinear: y = x . W^T for a weight W [N, K] held in any of moqe's schemes or unquantized
 // (fp32, fp16 or bf16 storage). The kernel is chosen once, when the layer is built, from
-// active_cpu_isa(): the SIMD kernels (AVX2) dequantize in registers and apply each group's scale
-// once; the reference path decodes one row at a time and takes fixed-order dot products
+// active_cpu_isa(): the SIMD kernels (AVX2, AVX-512) dequantize in registers and apply each group's
+// scale once; the reference path decodes one row at a time and takes fixed-order dot products
 // (gemm/reference.hpp), so under it a quantized layer and an fp32 layer holding its dequantized
 // weights agree bit for bit. SIMD results agree with the reference to fp32 rounding.
 #pragma once
@@ -39,7 +39,8 @@ struct LinearScratch {
 // kExact keeps DESIGN.md section 2 numerics with fp32 activations. kFast (opt-in) quantizes the
 // activations per 32-block to int8 once per call and takes integer dot products: faster, with an
 // extra activation rounding error (about 0.4% relative per block; see bench/README.md). Fast mode
-// covers 4- and 8-bit weights on AVX2; other layers run exact (numerics() says which).
+// covers 4- and 8-bit weights on AVX2 and AVX-512 VNNI; other layers run exact (numerics() says
+// which).
 enum class Numerics : uint8_t { kExact, kFast };
 
 class QuantizedLinear {
