@@ -141,6 +141,7 @@ void BM_Gemv(benchmark::State& state, const Weights& kind, int64_t n, int64_t k)
   rate.report(state, static_cast<double>(c.bytes), static_cast<double>(m));
   state.counters["copies"] = static_cast<double>(kind.eigen ? c.eigen.size() : c.layers.size());
   if (kind.fast) state.counters["rel_err_vs_exact"] = c.fast_error;
+  if (!kind.eigen) state.SetLabel(std::string(moqe::to_string(c.layers.front().isa())));
 }
 
 void BM_GemvHot(benchmark::State& state, const Weights& kind, int64_t n, int64_t k) {
@@ -161,6 +162,7 @@ void BM_GemvHot(benchmark::State& state, const Weights& kind, int64_t n, int64_t
     }
   } else {
     const moqe::QuantizedLinear layer = make_layer(kind, w, n, k, nullptr);
+    state.SetLabel(std::string(moqe::to_string(layer.isa())));  // the kernels' level
     for (auto _ : state) {
       layer.forward(moqe::MatrixView<const float>(x.data(), m, k),
                     moqe::MatrixView<float>(y.data(), m, n), 1);
@@ -173,6 +175,8 @@ void BM_GemvHot(benchmark::State& state, const Weights& kind, int64_t n, int64_t
 
 const bool registered = [] {
   Eigen::setNbThreads(1);
+  benchmark::AddCustomContext("moqe_best_cpu_isa",
+                              std::string(moqe::to_string(moqe::best_cpu_isa())));
   const std::pair<int64_t, int64_t> shapes[] = {
       {14336, 4096}, {4096, 14336}, {1408, 2048}, {2048, 1408}};
   for (const auto& [n, k] : shapes) {
