@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
       return r;
     };
     const Run base = run_layer(model);
-    std::printf("\nMoE layer, %lld tokens one at a time (%s CPU kernels, %d threads):\n",
+    std::printf("\nMoE layer, %lld tokens one at a time (CPU kernels up to %s, %d threads):\n",
                 static_cast<long long>(tokens),
                 std::string(moqe::to_string(moqe::active_cpu_isa())).c_str(),
                 moqe::default_num_threads());

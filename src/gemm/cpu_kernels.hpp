@@ -73,7 +73,8 @@ void sign_levels(PackedQuant& p);
 // True when a and b have the same layout (rows of a and b can be concatenated).
 bool same_layout(const PackedQuant& a, const PackedQuant& b);
 
-// y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4).
+// y[m * ldy + n] = sum_k W[n, k] x[m * ldx + k] for n in [n0, n1) and m < mcount (1..4). The
+// AVX-512 kernels take x in pair order (pair_order_rows; KernelTable::pair_order_x).
 using QuantKernel = void (*)(const PackedQuant& w, const float* x, int64_t ldx, int mcount,
                              float* y, int64_t ldy, int64_t n0, int64_t n1);
 // The same for any number of activation rows m, tiled for many rows (exact mode). The kernels of
@@ -103,6 +104,11 @@ using QuantizedX = LinearScratch;
 inline bool fast_mode_supported(int bits) { return bits == 4 || bits == 8; }
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                           QuantizedX& out);
+// gsum[b / per_group] += d[b] * sums[b - b0] for blocks b0 .. b1 - 1 of one row, in this order:
+// shared by the scalar and SIMD quantize_activations (compiled in pack.cpp, with no FMA
+// contraction), so both give the same sums.
+void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1, int64_t per_group,
+                    float* gsum);
 using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m0, int mcount,
                             float* y, int64_t ldy, int64_t n0, int64_t n1);
 
@@ -114,10 +120,14 @@ struct KernelTable {
   DenseGemmKernel dense_gemm = nullptr;
   FastKernel fast[4] = {};
   DenseKernel dense[4] = {};
+  bool pair_order_x = false;  // quant[] reads x in pair order (LinearScratch::xp)
 };
 
 // The AVX-512 kernels read pairs of blocks: rows of an even number of blocks whose groups are one
-// block or whole pairs (per-channel rows included).
+// block or whole pairs (per-channel rows included). Their exact kernels take the activations in
+// pair order: for each 64 columns, out[16 j + 8 h + i] = x[32 h + 8 j + i] (h < 2, j < 4, i < 8),
+// so field j of a pair of blocks lines up with 16 consecutive values. k is a multiple of 64.
+void pair_order_rows(const float* x, int64_t ldx, int64_t m, int64_t k, std::vector<float>& out);
 inline bool avx512_fits(const PackedQuant& p) {
   return p.k % 64 == 0 && (p.group == 32 || p.group % 64 == 0);
 }
@@ -129,6 +139,9 @@ DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
 DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind);
 // `paired`: the kernel for the paired 4-bit layout.
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired);
+// quantize_activations in AVX2, bit for bit the same.
+void quantize_activations_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+                               QuantizedX& out);
 #endif
 #if defined(MOQE_HAVE_AVX512_KERNELS)
 // Rows that avx512_fits. Fast mode: 8-bit codes and the paired 4-bit layout (nullptr otherwise).

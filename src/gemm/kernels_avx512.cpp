@@ -4,7 +4,8 @@
 // two blocks at a time: the low eight 32-bit lanes hold block b, the high eight block b + 1, so a
 // 512-bit vector covers 64 columns, and rows of an even number of blocks whose groups are one
 // block or whole pairs of blocks qualify (avx512_fits); other rows keep the AVX2 kernels. The
-// prefill GEMM and the dense kernels stay AVX2's.
+// exact kernels take the activations in pair order (pair_order_rows, done once per call by
+// QuantizedLinear::prepare). The prefill GEMM and the dense kernels stay AVX2's.
 //
 // Built a second time for the tests with MOQE_AVX512_EMULATED, into namespace emu512, over
 // SIMDe's portable intrinsics (tests/gemm/avx512_emulation.hpp): machines without AVX-512 check
@@ -94,33 +95,15 @@ inline void pair_fields(const uint8_t* p, __m512i c[4]) {
   }
 }
 
-// x rows in the pairs' column order: for each 64 columns, xp[16 j + 8 h + i] = x[32 h + 8 j + i],
-// so field j of a pair lines up with 16 consecutive values. Grown once per thread.
-const float* pair_order(const float* x, int64_t ldx, int mcount, int64_t k) {
-  thread_local std::vector<float> xp;
-  if (xp.size() < static_cast<size_t>(mcount * k)) xp.resize(static_cast<size_t>(mcount * k));
-  for (int m = 0; m < mcount; ++m) {
-    const float* src = x + m * ldx;
-    float* dst = xp.data() + m * k;
-    for (int64_t c = 0; c < k; c += 64) {
-      for (int h = 0; h < 2; ++h) {
-        for (int j = 0; j < 4; ++j) {
-          _mm256_storeu_ps(dst + c + 16 * j + 8 * h, _mm256_loadu_ps(src + c + 32 * h + 8 * j));
-        }
-      }
-    }
-  }
-  return xp.data();
-}
-
 // Exact mode: levels (code - zero) in fp32, products accumulated in fp32 per group (lanewise),
 // the group's scale applied once per group; a pair of groups of one block each keeps one per half.
+// x is in pair order (pair_order_rows), rows ldx apart.
 template <int B, int M, bool S>
 void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
                   int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
   const int64_t k = w.k;
-  const float* xp = pair_order(x, ldx, M, k);
+  const float* xp = x;  // in pair order (pair_order_rows)
   const bool g32 = w.group == 32;
   // A unit: one group of whole pairs, or one pair of two one-block groups.
   const int64_t pairs_per_unit = g32 ? 1 : w.group / 64, units = k / (64 * pairs_per_unit);
@@ -153,7 +136,7 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
           const __m512 d = _mm512_cvtepi32_ps(S ? c[j] : _mm512_sub_epi32(c[j], z));
           for (int m = 0; m < M; ++m) {
             acc[m][j % NA] =
-                _mm512_fmadd_ps(d, _mm512_loadu_ps(xp + m * k + col + 16 * j), acc[m][j % NA]);
+                _mm512_fmadd_ps(d, _mm512_loadu_ps(xp + m * ldx + col + 16 * j), acc[m][j % NA]);
           }
         }
       }

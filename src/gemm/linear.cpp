@@ -88,6 +88,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
           table->quant[m - 1] =
               detail::quant_kernel_avx512(scheme_.bits, m, packed_->signed_levels);
         }
+        table->pair_order_x = true;
         isa_ = CpuIsa::kAvx512;
       }
       if (numerics_ == Numerics::kFast && active_cpu_isa() >= CpuIsa::kAvx512Vnni &&
@@ -238,8 +239,13 @@ void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch)
   scratch.groups = 0;
 #if defined(MOQE_HAVE_AVX2_KERNELS)
   if (isa_ >= CpuIsa::kAvx2 && packed_) {
+    // The AVX-512 exact kernels read x in pair order; the prefill GEMM reads x itself.
+    if (kernels_->pair_order_x && x.rows() < detail::kGemmMinRows) {
+      detail::pair_order_rows(x.data(), x.row_stride(), x.rows(), k_, scratch.xp);
+    }
     if (numerics_ == Numerics::kFast) {
-      detail::quantize_activations(x.data(), x.row_stride(), x.rows(), k_, packed_->group, scratch);
+      detail::quantize_activations_avx2(x.data(), x.row_stride(), x.rows(), k_, packed_->group,
+                                        scratch);
     }
   }
 #endif
@@ -251,6 +257,12 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
   if (m_count == 0 || n0 >= n1) return;
   if (kernels_) {
     const detail::KernelTable& kt = *kernels_;
+    if (numerics_ == Numerics::kFast || kt.pair_order_x) {
+      MOQE_CHECK(scratch.m == m_count && scratch.k == k_,
+                 "QuantizedLinear [{}, {}]: forward_rows needs the scratch prepare() made for this "
+                 "input ({} x {}), not one for {} x {}",
+                 n_, k_, m_count, k_, scratch.m, scratch.k);
+    }
     const void* dense = f32_    ? static_cast<const void*>(f32_->data())
                         : half_ ? static_cast<const void*>(half_->data())
                                 : nullptr;
@@ -280,8 +292,9 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
         if (kt.fast[mc - 1] != nullptr) {
           kt.fast[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), b0, b1);
         } else if (kt.quant[mc - 1] != nullptr) {
-          kt.quant[mc - 1](*packed_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), b0,
-                           b1);
+          const float* xm = kt.pair_order_x ? scratch.xp.data() + m0 * k_ : x.row(m0);
+          kt.quant[mc - 1](*packed_, xm, kt.pair_order_x ? k_ : x.row_stride(), mc, y.row(m0),
+                           y.row_stride(), b0, b1);
         } else {
           kt.dense[mc - 1](dense, k_, x.row(m0), x.row_stride(), mc, y.row(m0), y.row_stride(), b0,
                            b1);

@@ -165,6 +165,28 @@ PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b) {
   return c;
 }
 
+void pair_order_rows(const float* x, int64_t ldx, int64_t m, int64_t k, std::vector<float>& out) {
+  if (out.size() < static_cast<size_t>(m * k)) out.resize(static_cast<size_t>(m * k));
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * ldx;
+    float* dst = out.data() + r * k;
+    for (int64_t c = 0; c < k; c += 64) {
+      for (int h = 0; h < 2; ++h) {
+        for (int j = 0; j < 4; ++j) {
+          std::memcpy(dst + c + 16 * j + 8 * h, src + c + 32 * h + 8 * j, 8 * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1, int64_t per_group,
+                    float* gsum) {
+  for (int64_t b = b0; b < b1; ++b) {
+    gsum[b / per_group] += d[b] * static_cast<float>(sums[b - b0]);
+  }
+}
+
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                           QuantizedX& out) {
   out.m = m;
@@ -174,6 +196,8 @@ void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int
   out.d.resize(static_cast<size_t>(m * (k / 32)));
   out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
   const int64_t blocks = k / 32, per_group = group / 32;
+  thread_local std::vector<int32_t> sums;
+  if (sums.size() < static_cast<size_t>(blocks)) sums.resize(static_cast<size_t>(blocks));
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * ldx;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -191,8 +215,10 @@ void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int
         }
       }
       out.d[r * blocks + b] = d;
-      out.gsum[r * out.groups + b / per_group] += d * static_cast<float>(sum);
+      sums[static_cast<size_t>(b)] = sum;
     }
+    add_group_sums(out.d.data() + r * blocks, sums.data(), 0, blocks, per_group,
+                   out.gsum.data() + r * out.groups);
   }
 }
 

@@ -2,7 +2,8 @@
 // avx512_emulation.hpp), against the scalar oracle on random data: every bit width, mode, layout
 // (signed and unsigned levels, paired 4-bit), group of one block, of pairs and per-channel, fp16
 // and fp32 scales, 1..4 activation rows with strides, and row ranges that start and end inside a
-// matrix. Machines with AVX-512 also run the native kernels through tests/gemm/test_kernels.cpp.
+// matrix (nothing outside them written). Machines with AVX-512 also run the native kernels through
+// tests/gemm/test_kernels.cpp.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -30,7 +31,19 @@ std::vector<float> randn(size_t n, uint32_t seed) {
   return v;
 }
 
-constexpr int64_t kRows = 37, kRow0 = 3;  // rows [kRow0, kRows) are computed; the others stay NaN
+// Rows [kRow0, kRow1) of kRows are computed; the others, and the padding of strided outputs,
+// must stay NaN.
+constexpr int64_t kRows = 37, kRow0 = 3, kRow1 = kRows - 2;
+
+// The rows outside [kRow0, kRow1) and the stride padding of y [m, ldy] are untouched.
+void check_untouched(const std::vector<float>& y, int m, int64_t ldy) {
+  for (int i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < ldy; ++r) {
+      if (r >= kRow0 && r < kRow1) continue;
+      REQUIRE(std::isnan(y[static_cast<size_t>(i * ldy + r)]));
+    }
+  }
+}
 
 }  // namespace
 
@@ -62,8 +75,11 @@ TEST_CASE("emulated AVX-512 exact kernels match the scalar oracle", "[gemm][kern
                 const int64_t ldx = k + 5, ldy = kRows + 3;
                 const auto x = randn(static_cast<size_t>(m * ldx), seed++);
                 std::vector<float> y(static_cast<size_t>(m * ldy), std::nanf(""));
+                std::vector<float> xp;  // the kernels read x in pair order, rows K apart
+                detail::pair_order_rows(x.data(), ldx, m, k, xp);
                 detail::emu512::quant_kernel_avx512(bits, m, w.signed_levels)(
-                    w, x.data(), ldx, m, y.data(), ldy, kRow0, kRows);
+                    w, xp.data(), k, m, y.data(), ldy, kRow0, kRow1);
+                check_untouched(y, m, ldy);
                 std::vector<float> xr(static_cast<size_t>(m * k)),
                     yr(static_cast<size_t>(m * kRows));
                 for (int i = 0; i < m; ++i) {
@@ -72,14 +88,10 @@ TEST_CASE("emulated AVX-512 exact kernels match the scalar oracle", "[gemm][kern
                 ref.forward(MatrixView<const float>(xr.data(), m, k),
                             MatrixView<float>(yr.data(), m, kRows), 1);
                 std::vector<float> wr(static_cast<size_t>(k));
-                for (int64_t r = 0; r < kRows; ++r) {
+                for (int64_t r = kRow0; r < kRow1; ++r) {
                   ref.decode_row(r, wr.data());
                   for (int i = 0; i < m; ++i) {
                     const float got = y[i * ldy + r];
-                    if (r < kRow0) {
-                      REQUIRE(std::isnan(got));
-                      continue;
-                    }
                     double bound = 0;
                     for (int64_t c = 0; c < k; ++c)
                       bound += std::fabs(double(wr[c]) * xr[i * k + c]);
@@ -129,18 +141,15 @@ TEST_CASE("emulated AVX-512 VNNI fast kernels match fast mode's definition",
               std::vector<float> y(static_cast<size_t>(m * ldy), std::nanf(""));
               const detail::FastKernel f = detail::emu512::fast_kernel_avx512vnni(bits, m, true);
               REQUIRE(f != nullptr);
-              f(w, xq, m0, m, y.data(), ldy, kRow0, kRows);
+              f(w, xq, m0, m, y.data(), ldy, kRow0, kRow1);
+              check_untouched(y, m, ldy);
               for (int i = 0; i < m; ++i) {
                 // The definition, in double: int8 activations times the block scale, codes
                 // minus the zero point times the group scale.
                 const int8_t* qa = xq.q.data() + (m0 + i) * k;
                 const float* d = xq.d.data() + (m0 + i) * (k / 32);
-                for (int64_t r = 0; r < kRows; ++r) {
+                for (int64_t r = kRow0; r < kRow1; ++r) {
                   const float got = y[i * ldy + r];
-                  if (r < kRow0) {
-                    REQUIRE(std::isnan(got));
-                    continue;
-                  }
                   double ref = 0, bound = 0;
                   for (int64_t c = 0; c < k; ++c) {
                     const int64_t grp = c / q.group_size();

@@ -7,7 +7,9 @@
 
 #include <cmath>
 #include <random>
+#include <tuple>
 
+#include "cpu_kernels.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/gemm/linear.hpp"
 #include "moqe/quant/packing.hpp"
@@ -247,6 +249,10 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
             REQUIRE(fast.numerics() == Numerics::kFast);
             REQUIRE(exact.numerics() == Numerics::kExact);
             CAPTURE(k, s.to_string(), to_string(isa), to_string(fast.isa()));
+            // VNNI kernels: rows of whole pairs of blocks, groups of one block or whole pairs.
+            const bool pairs = k % 64 == 0 && (q.group_size() == 32 || q.group_size() % 64 == 0);
+            REQUIRE(fast.isa() ==
+                    (isa >= CpuIsa::kAvx512Vnni && pairs ? CpuIsa::kAvx512Vnni : CpuIsa::kAvx2));
             for (int64_t m_count : {1, 3, 6}) {
               const auto x = randn(static_cast<size_t>(m_count * k), seed++);
               std::vector<float> y(static_cast<size_t>(m_count * n)), ye(y.size());
@@ -345,3 +351,39 @@ TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "
       quantize(MatrixView<const float>(wv.data(), 4, 64), {3, QuantMode::kSym, 32});
   CHECK(QuantizedLinear::from_quantized(q3, Numerics::kFast).numerics() == Numerics::kExact);
 }
+
+#if defined(MOQE_HAVE_AVX2_KERNELS)
+TEST_CASE("fast mode's activation quantization: AVX2 equals the scalar loop bit for bit",
+          "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  for (const auto& [m, k, group] : {std::tuple<int64_t, int64_t, int64_t>{1, 32, 32},
+                                    {3, 96, 32},
+                                    {2, 256, 128},
+                                    {5, 4096, 4096}}) {
+    const int64_t ldx = k + 3;
+    std::vector<float> x = randn(static_cast<size_t>(m * ldx), static_cast<uint32_t>(k + m));
+    // Values at the rounding ties and extremes: halves (ties to even), a zero block, a block of
+    // one sign, tiny and huge magnitudes.
+    for (int i = 0; i < 32 && i < k; ++i) x[static_cast<size_t>(i)] = 0.0f;
+    if (k >= 64) {
+      for (int i = 32; i < 64; ++i) x[static_cast<size_t>(i)] = 127.0f * (i % 5) / 4.0f + 0.5f;
+    }
+    if (k >= 96) {
+      for (int i = 64; i < 96; ++i) x[static_cast<size_t>(i)] = (i % 2 ? 1e-30f : -3e30f) * i;
+    }
+    detail::QuantizedX a, b;
+    detail::quantize_activations(x.data(), ldx, m, k, group, a);
+    detail::quantize_activations_avx2(x.data(), ldx, m, k, group, b);
+    CAPTURE(m, k, group);
+    CHECK(a.m == b.m);
+    CHECK(a.k == b.k);
+    CHECK(a.groups == b.groups);
+    CHECK(a.q == b.q);
+    CHECK(a.d == b.d);
+    CHECK(a.gsum == b.gsum);
+  }
+}
+#endif

@@ -27,13 +27,15 @@ struct KernelTable;
 enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
 
 // Per-call data derived from the activations, computed once by QuantizedLinear::prepare and
-// shared by every row range: in fast mode, the int8 activations with their block scales (exact
-// mode needs none). Reused between calls without reallocation.
+// shared by every row range: in fast mode, the int8 activations with their block scales; for
+// exact mode's AVX-512 kernels, the activations in the column order they read. Reused between
+// calls without reallocation.
 struct LinearScratch {
   int64_t m = 0, k = 0, groups = 0;
   std::vector<int8_t> q;    // [m, k], fast mode
   std::vector<float> d;     // [m, k / 32], fast mode
   std::vector<float> gsum;  // [m, groups], fast mode
+  std::vector<float> xp;    // [m, k], AVX-512 exact kernels (decode batches)
 };
 
 // kExact keeps DESIGN.md section 2 numerics with fp32 activations. kFast (opt-in) quantizes the
@@ -70,7 +72,9 @@ class QuantizedLinear {
   int64_t weight_bytes() const;
   // "int4 sym g128 f16", "f32", "bf16".
   std::string describe() const;
-  // The instruction set of the kernel chosen when the layer was built.
+  // The instruction set of the kernels chosen when the layer was built, for 1-4 activation rows at
+  // a time (decode). Dense weights and the prefill GEMM (12 or more rows) run AVX2 kernels on
+  // AVX-512 machines too.
   CpuIsa isa() const { return isa_; }
   // The numerics forward() uses (kFast only where fast mode applies).
   Numerics numerics() const { return numerics_; }
