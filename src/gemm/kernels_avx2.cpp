@@ -115,47 +115,82 @@ inline void block_levels(const uint8_t* p, __m256i z, __m256 d[4]) {
   }
 }
 
+// Groups [g0, g1) of weight row n against M activation rows, added to total: per group, the
+// products in NA chains per activation row, then the group's scale once.
 template <int B, int M, bool S>
-void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
-                  int64_t ldy, int64_t n0, int64_t n1) {
+inline void quant_row_groups(const PackedQuant& w, const float* x, int64_t ldx, int64_t n,
+                             int64_t g0, int64_t g1, __m256 (&total)[M]) {
   // One accumulator chain per m is FMA-latency bound for small M: split the block's four code
   // vectors over NA accumulators.
   constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
-  const int64_t blocks_per_group = w.group / 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.data.data() + n * w.row_bytes;
-    const int64_t gi = n * w.groups;
-    __m256 total[M];
-    for (int m = 0; m < M; ++m) total[m] = _mm256_setzero_ps();
-    const uint8_t* blk = row;
-    for (int64_t g = 0; g < w.groups; ++g) {
-      __m256 acc[M][NA];
-      for (int m = 0; m < M; ++m) {
-        for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
-      }
-      // The zero point comes off in integers, so each d is the exact level (code - z): the
-      // products are those of the dequantized weight without the scale, no cancellation.
-      const __m256i z = _mm256_set1_epi32(w.zero_at(gi + g));
-      const int64_t k0 = g * w.group;
-      for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
-        __m256 d[4];
-        block_levels<B, S>(blk, z, d);
-        const int64_t kb = k0 + 32 * b;
-        for (int j = 0; j < 4; ++j) {
-          for (int m = 0; m < M; ++m) {
-            acc[m][j % NA] =
-                _mm256_fmadd_ps(d[j], _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
-          }
+  const int64_t blocks_per_group = w.group / 32, gi = n * w.groups;
+  const uint8_t* blk = w.data.data() + n * w.row_bytes + g0 * blocks_per_group * w.block_bytes;
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 acc[M][NA];
+    for (int m = 0; m < M; ++m) {
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    }
+    // The zero point comes off in integers, so each d is the exact level (code - z): the
+    // products are those of the dequantized weight without the scale, no cancellation.
+    const __m256i z = _mm256_set1_epi32(w.zero_at(gi + g));
+    const int64_t k0 = g * w.group;
+    for (int64_t b = 0; b < blocks_per_group; ++b, blk += w.block_bytes) {
+      __m256 d[4];
+      block_levels<B, S>(blk, z, d);
+      const int64_t kb = k0 + 32 * b;
+      for (int j = 0; j < 4; ++j) {
+        for (int m = 0; m < M; ++m) {
+          acc[m][j % NA] =
+              _mm256_fmadd_ps(d[j], _mm256_loadu_ps(x + m * ldx + kb + 8 * j), acc[m][j % NA]);
         }
       }
-      const __m256 s = _mm256_set1_ps(scale_at(w, gi + g));
-      for (int m = 0; m < M; ++m) {
-        __m256 a = acc[m][0];
-        for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
-        total[m] = _mm256_fmadd_ps(s, a, total[m]);
+    }
+    const __m256 s = _mm256_set1_ps(scale_at(w, gi + g));
+    for (int m = 0; m < M; ++m) {
+      __m256 a = acc[m][0];
+      for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
+      total[m] = _mm256_fmadd_ps(s, a, total[m]);
+    }
+  }
+}
+
+template <int B, int M, bool S>
+void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  // Activations beyond ~16 KiB (K > 4096 at one row, > 1024 at four) come from L2 for every
+  // weight row. When the caller hands over an L2-sized block of rows (forward_rows does for more
+  // than four activation rows, so that W is read from memory once), the rows go in blocks of
+  // kRows, each walked in chunks of whole groups whose activations stay in L1, every row's totals
+  // kept between chunks: the same operations in the same order per row. Streaming W from memory
+  // (larger ranges), walking 16 rows side by side measured slower than the L2 reads (4096x14336
+  // int4 g128, batch 1: 2.2 -> 2.8 ms; 2.5 ms with 4 rows), so those ranges are walked row by
+  // row. Groups longer than a chunk (per-channel rows) are not split.
+  constexpr int64_t kChunkBlocks = 128 / M, kRows = 16, kL2Bytes = 512 << 10;
+  const int64_t chunk_groups = std::max<int64_t>(1, kChunkBlocks / (w.group / 32));
+  if (w.groups <= chunk_groups || (n1 - n0) * w.row_bytes > kL2Bytes) {
+    for (int64_t n = n0; n < n1; ++n) {
+      __m256 total[M];
+      for (int m = 0; m < M; ++m) total[m] = _mm256_setzero_ps();
+      quant_row_groups<B, M, S>(w, x, ldx, n, 0, w.groups, total);
+      for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
+    }
+    return;
+  }
+  __m256 totals[kRows][M];
+  for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+    const int64_t rows = std::min(kRows, n1 - r0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int m = 0; m < M; ++m) totals[r][m] = _mm256_setzero_ps();
+    }
+    for (int64_t g0 = 0; g0 < w.groups; g0 += chunk_groups) {
+      const int64_t g1 = std::min(w.groups, g0 + chunk_groups);
+      for (int64_t r = 0; r < rows; ++r) {
+        quant_row_groups<B, M, S>(w, x, ldx, r0 + r, g0, g1, totals[r]);
       }
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int m = 0; m < M; ++m) y[m * ldy + r0 + r] = hsum(totals[r][m]);
+    }
   }
 }
 

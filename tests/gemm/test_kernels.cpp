@@ -124,12 +124,13 @@ TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[g
   // (5..11 rows: the four-row kernels over row blocks). Groups of 96 (K = 960: chunks of 480), a
   // group of 1024 beyond the 512-column chunk (K = 2048), per-channel K = 1056 (not a multiple of
   // 512), with 12..14 and 40 rows: the tiled GEMM's tails in M (3-row tiles), N (4-row blocks) and
-  // its chunking.
-  const Shape shapes[] = {{300, 4096, 128, 8, QuantMode::kSym},
-                          {37, 960, 96, 4, QuantMode::kSym},
-                          {37, 960, 96, 3, QuantMode::kAsym},
-                          {21, 2048, 1024, 4, QuantMode::kSymFull},
-                          {19, 1056, kPerChannel, 2, QuantMode::kSym}};
+  // its chunking. Rows longer than the decode kernels' column chunk (128 / M blocks: K > 4096 at
+  // one activation row, > 1024 at four) are walked in chunks that end inside groups (K = 4128,
+  // groups of 96; groups of 128 and 1024 and per-channel rows at 3 and 4 rows).
+  const Shape shapes[] = {
+      {300, 4096, 128, 8, QuantMode::kSym},     {40, 4128, 96, 4, QuantMode::kAsym},
+      {37, 960, 96, 4, QuantMode::kSym},        {37, 960, 96, 3, QuantMode::kAsym},
+      {21, 2048, 1024, 4, QuantMode::kSymFull}, {19, 1056, kPerChannel, 2, QuantMode::kSym}};
   uint32_t seed = 500;
   for (const Shape& sh : shapes) {
     const QuantScheme s{sh.bits, sh.mode, sh.group};
@@ -139,7 +140,7 @@ TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[g
     const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
     CAPTURE(sh.n, sh.k, s.to_string());
     CHECK(fast.to_f32() == dequantize(q));
-    for (int64_t m : {5, 7, 11, 12, 13, 14, 40}) check_close(fast, ref, m, seed++);
+    for (int64_t m : {1, 2, 5, 7, 11, 12, 13, 14, 40}) check_close(fast, ref, m, seed++);
   }
   // Strided x and y (as the MoE layer's grouped pass hands them over) give the same results as
   // dense ones, on the four-row kernels and on the tiled GEMM.
