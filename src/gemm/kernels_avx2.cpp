@@ -495,9 +495,9 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
 // Fast mode over the paired 4-bit layout: per 64 codes one 32-byte load, one shift and two masks
 // (the unpaired kernel spends seven operations per 32). The same operations in the same order per
 // block as fast_kernel, so results are identical.
-template <int M>
-void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mcount*/,
-                      float* y, int64_t ldy, int64_t n0, int64_t n1) {
+template <int M, bool G32>
+void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0, float* y,
+                           int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0f);
   const int8_t* xq[M];
@@ -511,15 +511,29 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* pr = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
-    __m256 total[M], acc[M];
+    // Groups of one block (G32): two alternating totals, as fast_kernel_g32; otherwise one total
+    // and the group's partial sums in acc.
+    __m256 total[M][2], acc[M];
     float corr[M];
     for (int m = 0; m < M; ++m) {
-      total[m] = acc[m] = _mm256_setzero_ps();
+      total[m][0] = total[m][1] = acc[m] = _mm256_setzero_ps();
       corr[m] = 0.0f;
     }
     int64_t g = 0, group_end = blocks_per_group;
-    // Block bi's products into acc; at a group's last block, the group into total.
     auto block = [&](int64_t bi, __m256i c) {
+      if constexpr (G32) {
+        const float sg = scale_at(w, gi + bi);
+        const float off = sg * static_cast<float>(w.zero_at(gi + bi));
+        for (int m = 0; m < M; ++m) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * bi));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
+          total[m][bi & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[m][bi] * sg),
+                                             total[m][bi & 1]);
+          corr[m] += off * xg[m][bi];
+        }
+        return;
+      }
+      // Block bi's products into acc; at a group's last block, the group into total.
       for (int m = 0; m < M; ++m) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * bi));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
@@ -530,7 +544,7 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
         const __m256 s = _mm256_set1_ps(sg);
         const float off = sg * static_cast<float>(w.zero_at(gi + g));
         for (int m = 0; m < M; ++m) {
-          total[m] = _mm256_fmadd_ps(s, acc[m], total[m]);
+          total[m][0] = _mm256_fmadd_ps(s, acc[m], total[m][0]);
           corr[m] += off * xg[m][g];
           acc[m] = _mm256_setzero_ps();
         }
@@ -543,8 +557,18 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
       block(bi, _mm256_and_si256(v, mask));
       block(bi + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
+    for (int m = 0; m < M; ++m) {
+      const __m256 t = G32 ? _mm256_add_ps(total[m][0], total[m][1]) : total[m][0];
+      y[m * ldy + n] = hsum(t) - corr[m];
+    }
   }
+}
+
+template <int M>
+void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mcount*/,
+                      float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (w.group == 32) return fast_pair_kernel_impl<M, true>(w, x, m0, y, ldy, n0, n1);
+  fast_pair_kernel_impl<M, false>(w, x, m0, y, ldy, n0, n1);
 }
 
 // quantize_activations (pack.cpp) in vectors, with the same results bit for bit: the same max,
