@@ -26,6 +26,15 @@ class ScopedCpuIsa {
   CpuIsa previous_;
 };
 
+// n values from N(0, 1), the same for the same seed.
+inline std::vector<float> randn(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = g(rng);
+  return v;
+}
+
 // A fresh directory under the system temp dir, removed with everything in it on destruction.
 class TempDir {
  public:

@@ -104,6 +104,23 @@ using QuantizedX = LinearScratch;
 inline bool fast_mode_supported(int bits) { return bits == 4 || bits == 8; }
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                           QuantizedX& out);
+// Sizes out for m rows of k activations in groups of `group` (gsum zeroed); quantize_activations
+// fills it.
+void size_quantized_x(QuantizedX& out, int64_t m, int64_t k, int64_t group);
+// The fast kernels' pointers to activation rows m0 .. m0 + M - 1 of x.
+template <int M>
+struct FastRows {
+  const int8_t* q[M];
+  const float* d[M];
+  const float* gsum[M];
+  FastRows(const QuantizedX& x, int64_t m0) {
+    for (int m = 0; m < M; ++m) {
+      q[m] = x.q.data() + (m0 + m) * x.k;
+      d[m] = x.d.data() + (m0 + m) * (x.k / 32);
+      gsum[m] = x.gsum.data() + (m0 + m) * x.groups;
+    }
+  }
+};
 // gsum[b / per_group] += d[b] * sums[b - b0] for blocks b0 .. b1 - 1 of one row, in this order:
 // shared by the scalar and SIMD quantize_activations (compiled in pack.cpp, with no FMA
 // contraction), so both give the same sums.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_kernels.hpp"
+#include "kernel_dispatch.hpp"
 
 namespace moqe::detail {
 namespace {
@@ -410,14 +411,10 @@ void fast_kernel_g32(const PackedQuant& w, const QuantizedX& x, int64_t m0, floa
   const int64_t blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   const float zshift = B == 8 ? 128.0f : 0.0f;
-  const int8_t* xq[M];
-  const float* xd[M];
-  const float* xg[M];
-  for (int m = 0; m < M; ++m) {
-    xq[m] = x.q.data() + (m0 + m) * x.k;
-    xd[m] = x.d.data() + (m0 + m) * blocks;
-    xg[m] = x.gsum.data() + (m0 + m) * x.groups;
-  }
+  const FastRows<M> rows(x, m0);
+  const auto& xq = rows.q;
+  const auto& xd = rows.d;
+  const auto& xg = rows.gsum;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* blk = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -500,14 +497,10 @@ void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0
                            int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0f);
-  const int8_t* xq[M];
-  const float* xd[M];
-  const float* xg[M];
-  for (int m = 0; m < M; ++m) {
-    xq[m] = x.q.data() + (m0 + m) * x.k;
-    xd[m] = x.d.data() + (m0 + m) * blocks;
-    xg[m] = x.gsum.data() + (m0 + m) * x.groups;
-  }
+  const FastRows<M> rows(x, m0);
+  const auto& xq = rows.q;
+  const auto& xd = rows.d;
+  const auto& xg = rows.gsum;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* pr = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -577,12 +570,7 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
 // function (add_group_sums, compiled without FMA).
 void quantize_activations_impl(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                                QuantizedX& out) {
-  out.m = m;
-  out.k = k;
-  out.groups = k / group;
-  out.q.resize(static_cast<size_t>(m * k));
-  out.d.resize(static_cast<size_t>(m * (k / 32)));
-  out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
+  size_quantized_x(out, m, k, group);
   const int64_t blocks = k / 32, per_group = group / 32;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i byte = _mm256_set1_epi32(0xff);
@@ -624,43 +612,6 @@ void quantize_activations_impl(const float* x, int64_t ldx, int64_t m, int64_t k
       }
     }
   }
-}
-
-// The kernel choice, written once: f(std::integral_constant<...>{}) for the runtime value, so a
-// caller names its template once.
-template <int V>
-using Int = std::integral_constant<int, V>;
-// Rows of activations per call: 1..4 (more: 4).
-template <class F>
-auto by_rows(int mcount, F f) {
-  switch (mcount) {
-    case 1:
-      return f(Int<1>{});
-    case 2:
-      return f(Int<2>{});
-    case 3:
-      return f(Int<3>{});
-    default:
-      return f(Int<4>{});
-  }
-}
-// Code widths: 2, 3, 4, 8.
-template <class F>
-auto by_bits(int bits, F f) {
-  switch (bits) {
-    case 2:
-      return f(Int<2>{});
-    case 3:
-      return f(Int<3>{});
-    case 4:
-      return f(Int<4>{});
-    default:
-      return f(Int<8>{});
-  }
-}
-template <class F>
-auto by_flag(bool flag, F f) {
-  return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
 }  // namespace

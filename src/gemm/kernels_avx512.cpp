@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_kernels.hpp"
+#include "kernel_dispatch.hpp"
 
 namespace moqe::detail {
 #if defined(MOQE_AVX512_EMULATED)
@@ -162,14 +163,10 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
   const bool g32 = blocks_per_group == 1;
   const __m512i low4 = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const float zshift = B == 8 ? 128.0f : 0.0f;
-  const int8_t* xq[M];
-  const float* xd[M];
-  const float* xg[M];
-  for (int m = 0; m < M; ++m) {
-    xq[m] = x.q.data() + (m0 + m) * x.k;
-    xd[m] = x.d.data() + (m0 + m) * blocks;
-    xg[m] = x.gsum.data() + (m0 + m) * x.groups;
-  }
+  const FastRows<M> rows(x, m0);
+  const auto& xq = rows.q;
+  const auto& xd = rows.d;
+  const auto& xg = rows.gsum;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* pr = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -225,35 +222,6 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
       }
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
-  }
-}
-
-template <int V>
-using Int = std::integral_constant<int, V>;
-template <class F>
-auto by_rows(int mcount, F f) {
-  switch (mcount) {
-    case 1:
-      return f(Int<1>{});
-    case 2:
-      return f(Int<2>{});
-    case 3:
-      return f(Int<3>{});
-    default:
-      return f(Int<4>{});
-  }
-}
-template <class F>
-auto by_bits(int bits, F f) {
-  switch (bits) {
-    case 2:
-      return f(Int<2>{});
-    case 3:
-      return f(Int<3>{});
-    case 4:
-      return f(Int<4>{});
-    default:
-      return f(Int<8>{});
   }
 }
 

@@ -180,6 +180,15 @@ void pair_order_rows(const float* x, int64_t ldx, int64_t m, int64_t k, std::vec
   }
 }
 
+void size_quantized_x(QuantizedX& out, int64_t m, int64_t k, int64_t group) {
+  out.m = m;
+  out.k = k;
+  out.groups = k / group;
+  out.q.resize(static_cast<size_t>(m * k));
+  out.d.resize(static_cast<size_t>(m * (k / 32)));
+  out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
+}
+
 void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1, int64_t per_group,
                     float* gsum) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -189,12 +198,7 @@ void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1,
 
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                           QuantizedX& out) {
-  out.m = m;
-  out.k = k;
-  out.groups = k / group;
-  out.q.resize(static_cast<size_t>(m * k));
-  out.d.resize(static_cast<size_t>(m * (k / 32)));
-  out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
+  size_quantized_x(out, m, k, group);
   const int64_t blocks = k / 32, per_group = group / 32;
   thread_local std::vector<int32_t> sums;
   if (sums.size() < static_cast<size_t>(blocks)) sums.resize(static_cast<size_t>(blocks));

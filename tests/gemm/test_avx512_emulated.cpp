@@ -23,13 +23,7 @@ FastKernel fast_kernel_avx512vnni(int bits, int mcount, bool paired);
 
 namespace {
 
-std::vector<float> randn(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = g(rng);
-  return v;
-}
+using test::randn;
 
 // Rows [kRow0, kRow1) of kRows are computed; the others, and the padding of strided outputs,
 // must stay NaN.

@@ -19,13 +19,7 @@ using namespace moqe;
 
 namespace {
 
-std::vector<float> randn(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = g(rng);
-  return v;
-}
+using test::randn;
 
 // The SIMD levels this machine runs natively: AVX2, and AVX-512 (F + BW, then VNNI) where present.
 // (tests/gemm/test_avx512_emulated.cpp checks the AVX-512 kernels on any machine.)
