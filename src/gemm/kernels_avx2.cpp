@@ -9,23 +9,11 @@
 #include <vector>
 
 #include "cpu_kernels.hpp"
+#include "kernel_common_avx2.hpp"
 #include "kernel_dispatch.hpp"
 
 namespace moqe::detail {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Group scale i of w: fp16 scales through F16C (one instruction, exact like half_bits_to_float).
-inline float scale_at(const PackedQuant& w, int64_t i) {
-  return w.f16_scales ? _cvtsh_ss(w.scale16[static_cast<size_t>(i)])
-                      : w.scale32[static_cast<size_t>(i)];
-}
 
 // The four code vectors of a 32-code block (see PackedQuant): c[j] lane i = column 8j + i.
 template <int B>
@@ -201,11 +189,10 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
 // scale, rounded once, the reference's decode), for dense ones the fp32 values. Every three
 // activation rows then run a 3 x 4 tile of accumulators over it (12 FMAs per 7 loads; twelve
 // independent chains cover the FMA latency) and add the tile's partial sums into the outputs'
-// running totals (in memory, one vector per output) once per chunk. The generic `group` and
-// `scale` parameters allow per-group scaling of the partial sums; both callers now pass scale 1.
-// Results are the reference's dequantized weights times x, summed in another order. (Scaling
-// levels once per group instead, the decode kernels' way, flushed the tile every group: at batch
-// 64, groups of 32 ran 1.6x and groups of 128 1.17x slower.)
+// running totals (in memory, one vector per output) once per chunk. Results are the reference's
+// dequantized weights times x, summed in another order. (Scaling levels once per group instead, the
+// decode kernels' way, flushed the tile every group: at batch 64, groups of 32 ran 1.6x and groups
+// of 128 1.17x slower.)
 constexpr int kGemmRows = 4;  // weight rows per block
 constexpr int64_t kGemmChunk = 512;
 
@@ -225,12 +212,11 @@ inline void gemm_tile(const float* x, int64_t ldx, const float* lev, int64_t lev
   }
 }
 
-// decode(row, c0, c1, dst): weight row `row` over columns [c0, c1) into dst (32-byte aligned);
-// scale(row, gi): the scale of group gi of the row. k and group are multiples of 8.
-template <class Decode, class Scale>
-void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t group, const float* x,
-                int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t chunk = group >= kGemmChunk ? group : (kGemmChunk / group) * group;
+// decode(row, c0, c1, dst): weight row `row` over columns [c0, c1) into dst (32-byte aligned), as
+// the fp32 values it multiplies x with. k and chunk are multiples of 8 (chunk: columns per decode).
+template <class Decode>
+void tiled_gemm(const Decode& decode, int64_t k, int64_t chunk, const float* x, int64_t ldx,
+                int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   // Grown once per thread: weights [4][chunk] (32-byte aligned rows) and totals [m][4].
   struct alignas(32) Vec8 {
     float v[8];
@@ -259,37 +245,29 @@ void tiled_gemm(const Decode& decode, const Scale& scale, int64_t k, int64_t gro
           for (int64_t c = 0; c < c1 - c0; c += 8) _mm256_store_ps(dst + c, _mm256_setzero_ps());
         }
       }
-      // Every group in the chunk, for every three activation rows.
-      for (int64_t g0 = c0; g0 < c1; g0 += group) {
-        const int64_t g1 = std::min(c1, g0 + group), gi = g0 / group;
-        __m256 s[kGemmRows];
-        for (int j = 0; j < kGemmRows; ++j) {
-          s[j] = _mm256_set1_ps(j < rows ? scale(nb + j, gi) : 0.0f);
-        }
-        const float* lg = lev + (g0 - c0);
-        auto flush = [&]<int MR>(int64_t i0, const __m256(&part)[MR][kGemmRows]) {
-          for (int i = 0; i < MR; ++i) {
-            for (int j = 0; j < kGemmRows; ++j) {
-              float* t = totals + 8 * ((i0 + i) * kGemmRows + j);
-              _mm256_store_ps(t, _mm256_fmadd_ps(s[j], part[i][j], _mm256_load_ps(t)));
-            }
+      // The chunk, for every three activation rows; its partial sums into the totals.
+      auto flush = [&]<int MR>(int64_t i0, const __m256(&part)[MR][kGemmRows]) {
+        for (int i = 0; i < MR; ++i) {
+          for (int j = 0; j < kGemmRows; ++j) {
+            float* t = totals + 8 * ((i0 + i) * kGemmRows + j);
+            _mm256_store_ps(t, _mm256_add_ps(part[i][j], _mm256_load_ps(t)));
           }
-        };
-        int64_t i0 = 0;
-        for (; i0 + 3 <= m; i0 += 3) {
-          __m256 part[3][kGemmRows];
-          gemm_tile<3>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part);
         }
-        if (m - i0 == 2) {
-          __m256 part[2][kGemmRows];
-          gemm_tile<2>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part);
-        } else if (m - i0 == 1) {
-          __m256 part[1][kGemmRows];
-          gemm_tile<1>(x + i0 * ldx, ldx, lg, chunk, g0, g1, part);
-          flush(i0, part);
-        }
+      };
+      int64_t i0 = 0;
+      for (; i0 + 3 <= m; i0 += 3) {
+        __m256 part[3][kGemmRows];
+        gemm_tile<3>(x + i0 * ldx, ldx, lev, chunk, c0, c1, part);
+        flush(i0, part);
+      }
+      if (m - i0 == 2) {
+        __m256 part[2][kGemmRows];
+        gemm_tile<2>(x + i0 * ldx, ldx, lev, chunk, c0, c1, part);
+        flush(i0, part);
+      } else if (m - i0 == 1) {
+        __m256 part[1][kGemmRows];
+        gemm_tile<1>(x + i0 * ldx, ldx, lev, chunk, c0, c1, part);
+        flush(i0, part);
       }
     }
     for (int64_t i = 0; i < m; ++i) {
@@ -319,10 +297,9 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
       for (int q = 0; q < 4; ++q) _mm256_store_ps(dst + (c - c0) + 8 * q, _mm256_mul_ps(d[q], s));
     }
   };
-  auto unit = [](int64_t, int64_t) { return 1.0f; };
   // Chunks of 512 columns, or of one group when groups are longer (per-channel rows measured
   // ~10% faster at batch 64 with one flush per row than with one per 512 columns).
-  tiled_gemm(decode, unit, w.k, std::max(w.group, kGemmChunk), x, ldx, m, y, ldy, n0, n1);
+  tiled_gemm(decode, w.k, std::max(w.group, kGemmChunk), x, ldx, m, y, ldy, n0, n1);
 }
 
 template <DenseKind D>
@@ -392,8 +369,7 @@ void dense_gemm_kernel(const void* w, int64_t k, const float* x, int64_t ldx, in
     const void* r = static_cast<const uint8_t*>(w) + static_cast<size_t>(row * k) * es;
     for (int64_t c = c0; c < c1; c += 8) _mm256_store_ps(dst + (c - c0), load_w<D>(r, c));
   };
-  auto scale = [](int64_t, int64_t) { return 1.0f; };
-  tiled_gemm(decode, scale, k, kGemmChunk, x, ldx, m, y, ldy, n0, n1);
+  tiled_gemm(decode, k, kGemmChunk, x, ldx, m, y, ldy, n0, n1);
 }
 
 // The 32 codes of a block as bytes, in the block's lane order (lane i's codes j = 0..3 at bytes
@@ -422,10 +398,7 @@ void fast_kernel_g32(const PackedQuant& w, const QuantizedX& x, int64_t m0, floa
   const int64_t blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   const float zshift = B == 8 ? 128.0f : 0.0f;
-  const FastRows<M> rows(x, m0);
-  const auto& xq = rows.q;
-  const auto& xd = rows.d;
-  const auto& xg = rows.gsum;
+  const FastRows<M> xr(x, m0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* blk = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -441,12 +414,12 @@ void fast_kernel_g32(const PackedQuant& w, const QuantizedX& x, int64_t m0, floa
       const float sg = scale_at(w, gi + b);
       const float off = sg * (static_cast<float>(w.zero_at(gi + b)) - zshift);
       for (int m = 0; m < M; ++m) {
-        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * b));
+        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * b));
         if constexpr (B == 8) q = _mm256_sign_epi8(q, c);
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ca, q), ones);
-        total[m][b & 1] =
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[m][b] * sg), total[m][b & 1]);
-        corr[m] += off * xg[m][b];
+        total[m][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][b] * sg),
+                                          total[m][b & 1]);
+        corr[m] += off * xr.gsum[m][b];
       }
     }
     for (int m = 0; m < M; ++m) {
@@ -459,10 +432,11 @@ template <int B, int M>
 void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mcount*/, float* y,
                  int64_t ldy, int64_t n0, int64_t n1) {
   if (w.group == 32) return fast_kernel_g32<B, M>(w, x, m0, y, ldy, n0, n1);
-  const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
+  const int64_t blocks_per_group = w.group / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   // 8-bit codes are stored u - 128: the zero point is z - 128 for them.
   const float zshift = B == 8 ? 128.0f : 0.0f;
+  const FastRows<M> xr(x, m0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* blk = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -480,12 +454,10 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
         const __m256i c = code_bytes<B>(blk);
         const __m256i ca = B == 8 ? _mm256_abs_epi8(c) : c;
         for (int m = 0; m < M; ++m) {
-          __m256i q = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(x.q.data() + (m0 + m) * x.k + 32 * bi));
+          __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
           if constexpr (B == 8) q = _mm256_sign_epi8(q, c);  // |c| * sign(c) q = c q
           const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ca, q), ones);
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                   _mm256_set1_ps(x.d[(m0 + m) * blocks + bi]), acc[m]);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][bi]), acc[m]);
         }
       }
       const float sg = scale_at(w, gi + g);
@@ -493,7 +465,7 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
       const float off = sg * (static_cast<float>(w.zero_at(gi + g)) - zshift);
       for (int m = 0; m < M; ++m) {
         total[m] = _mm256_fmadd_ps(s, acc[m], total[m]);
-        corr[m] += off * x.gsum[(m0 + m) * x.groups + g];
+        corr[m] += off * xr.gsum[m][g];
       }
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
@@ -508,10 +480,7 @@ void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0
                            int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0f);
-  const FastRows<M> rows(x, m0);
-  const auto& xq = rows.q;
-  const auto& xd = rows.d;
-  const auto& xg = rows.gsum;
+  const FastRows<M> xr(x, m0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* pr = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -529,19 +498,19 @@ void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0
         const float sg = scale_at(w, gi + bi);
         const float off = sg * static_cast<float>(w.zero_at(gi + bi));
         for (int m = 0; m < M; ++m) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * bi));
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
           const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
-          total[m][bi & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[m][bi] * sg),
-                                             total[m][bi & 1]);
-          corr[m] += off * xg[m][bi];
+          total[m][bi & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                             _mm256_set1_ps(xr.d[m][bi] * sg), total[m][bi & 1]);
+          corr[m] += off * xr.gsum[m][bi];
         }
         return;
       }
       // Block bi's products into acc; at a group's last block, the group into total.
       for (int m = 0; m < M; ++m) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * bi));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[m][bi]), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][bi]), acc[m]);
       }
       if (bi + 1 == group_end) {
         const float sg = scale_at(w, gi + g);
@@ -549,7 +518,7 @@ void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0
         const float off = sg * static_cast<float>(w.zero_at(gi + g));
         for (int m = 0; m < M; ++m) {
           total[m][0] = _mm256_fmadd_ps(s, acc[m], total[m][0]);
-          corr[m] += off * xg[m][g];
+          corr[m] += off * xr.gsum[m][g];
           acc[m] = _mm256_setzero_ps();
         }
         ++g;
@@ -579,7 +548,9 @@ void fast_pair_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int
 // scale and reciprocal per block (scalar), x * inv rounded to nearest even by vcvtps2dq (lrintf
 // under the default rounding mode), the same integer sums, and the group sums by the same
 // function (add_group_sums, compiled without FMA).
-void quantize_activations_impl(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+}  // namespace
+
+void quantize_activations_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                                QuantizedX& out) {
   size_quantized_x(out, m, k, group);
   const int64_t blocks = k / 32, per_group = group / 32;
@@ -623,13 +594,6 @@ void quantize_activations_impl(const float* x, int64_t ldx, int64_t m, int64_t k
       }
     }
   }
-}
-
-}  // namespace
-
-void quantize_activations_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
-                               QuantizedX& out) {
-  quantize_activations_impl(x, ldx, m, k, group, out);
 }
 
 FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {

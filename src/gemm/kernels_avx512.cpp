@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_kernels.hpp"
+#include "kernel_common_avx2.hpp"
 #include "kernel_dispatch.hpp"
 
 namespace moqe::detail {
@@ -29,19 +30,9 @@ namespace emu512 {
 #endif
 namespace {
 
-inline float hsum(__m512 v) {
-  const __m256 lo = _mm512_castps512_ps256(v);
+inline float hsum512(__m512 v) {
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-  const __m256 s8 = _mm256_add_ps(lo, hi);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float scale_at(const PackedQuant& w, int64_t i) {
-  return w.f16_scales ? _cvtsh_ss(w.scale16[static_cast<size_t>(i)])
-                      : w.scale32[static_cast<size_t>(i)];
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
 }
 
 // Lanes 0..7 = a, lanes 8..15 = b: a value per block of a pair.
@@ -147,7 +138,7 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
         total[m] = _mm512_fmadd_ps(s, a, total[m]);
       }
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum512(total[m]);
   }
 }
 
@@ -163,10 +154,7 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
   const bool g32 = blocks_per_group == 1;
   const __m512i low4 = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const float zshift = B == 8 ? 128.0f : 0.0f;
-  const FastRows<M> rows(x, m0);
-  const auto& xq = rows.q;
-  const auto& xd = rows.d;
-  const auto& xg = rows.gsum;
+  const FastRows<M> xr(x, m0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* pr = w.data.data() + n * w.row_bytes;
     const int64_t gi = n * w.groups;
@@ -189,14 +177,15 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
         pr += 64;
       }
       for (int m = 0; m < M; ++m) {
-        __m512i q = _mm512_loadu_si512(xq[m] + 32 * bi);
+        __m512i q = _mm512_loadu_si512(xr.q[m] + 32 * bi);
         __m512i p;
         if constexpr (B == 4) {
           p = _mm512_dpbusd_epi32(start, c, q);
         } else {
           p = _mm512_dpbusd_epi32(start, _mm512_xor_si512(q, bias), c);
         }
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), halves(xd[m][bi], xd[m][bi + 1]), acc[m]);
+        acc[m] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), halves(xr.d[m][bi], xr.d[m][bi + 1]), acc[m]);
       }
       if (g32) {  // blocks bi and bi + 1 are groups bi and bi + 1
         const float s0 = scale_at(w, gi + bi), s1 = scale_at(w, gi + bi + 1);
@@ -205,8 +194,8 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
         const float off1 = s1 * (static_cast<float>(w.zero_at(gi + bi + 1)) - zshift);
         for (int m = 0; m < M; ++m) {
           total[m] = _mm512_fmadd_ps(s, acc[m], total[m]);
-          corr[m] += off0 * xg[m][bi];
-          corr[m] += off1 * xg[m][bi + 1];
+          corr[m] += off0 * xr.gsum[m][bi];
+          corr[m] += off1 * xr.gsum[m][bi + 1];
           acc[m] = _mm512_setzero_ps();
         }
       } else if ((bi + 2) % blocks_per_group == 0) {  // the group's last pair
@@ -216,12 +205,12 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
         const float off = sg * (static_cast<float>(w.zero_at(gi + g)) - zshift);
         for (int m = 0; m < M; ++m) {
           total[m] = _mm512_fmadd_ps(s, acc[m], total[m]);
-          corr[m] += off * xg[m][g];
+          corr[m] += off * xr.gsum[m][g];
           acc[m] = _mm512_setzero_ps();
         }
       }
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]) - corr[m];
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum512(total[m]) - corr[m];
   }
 }
 
