@@ -32,10 +32,11 @@ std::string slurp(const std::filesystem::path& p) {
   return s.str();
 }
 
-Run moqe_cli(const test::TempDir& dir, const std::string& args) {
+// env: "NAME=value ..." set for this run only.
+Run moqe_cli(const test::TempDir& dir, const std::string& args, const std::string& env = "") {
   const auto out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const std::string cmd = std::string(MOQE_CLI_PATH) + " " + args + " >" + out.string() + " 2>" +
-                          err.string() + " </dev/null";
+  const std::string cmd = env + " " + std::string(MOQE_CLI_PATH) + " " + args + " >" +
+                          out.string() + " 2>" + err.string() + " </dev/null";
   const int raw = std::system(cmd.c_str());
   Run r;
   r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
@@ -170,6 +171,13 @@ TEST_CASE("cli: moe-forward runs a layer and reports its routing", "[cli]") {
   Run r = moqe_cli(dir, common + " --output " + (dir / "y.safetensors").string());
   INFO(r.err);
   REQUIRE(r.status == 0);
+  {  // An unknown MOQE_CPU_ISA is reported, not ignored silently; the run goes on uncapped.
+    const Run bad = moqe_cli(dir, common + " --output " + (dir / "y2.safetensors").string(),
+                             "MOQE_CPU_ISA=sse9");
+    CHECK(bad.status == 0);
+    CHECK(bad.err.find("MOQE_CPU_ISA=sse9 is not one of reference, avx2, avx512, avx512vnni") !=
+          std::string::npos);
+  }
   const Checkpoint out(dir / "y.safetensors");
   CHECK(out.info("y").shape == std::vector<int64_t>{t, h});
   CHECK(out.info("topk_ids").dtype == DType::kI32);

@@ -217,6 +217,9 @@ TEST_CASE("rows the SIMD layout cannot hold keep the reference kernel", "[gemm][
       quantize(MatrixView<const float>(wv.data(), 5, 100), {4, QuantMode::kSym, 0});
   CHECK(QuantizedLinear::from_quantized(q).isa() == CpuIsa::kReference);
   CHECK(parse_cpu_isa("avx2") == CpuIsa::kAvx2);
+  for (CpuIsa isa : {CpuIsa::kReference, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Vnni}) {
+    CHECK(parse_cpu_isa(to_string(isa)) == isa);
+  }
   CHECK_FALSE(parse_cpu_isa("sse9").has_value());
   const test::ScopedCpuIsa cap(CpuIsa::kReference);
   CHECK(active_cpu_isa() == CpuIsa::kReference);

@@ -15,6 +15,7 @@
 #include "moqe/core/error.hpp"
 #include "moqe/gemm/linear.hpp"
 #include "moqe/gemm/reference.hpp"
+#include "moqe/quant/packing.hpp"
 #include "moqe/quant/quantized_matrix.hpp"
 #include "test_util.hpp"
 
@@ -385,6 +386,29 @@ TEST_CASE("QuantizedLinear rejects wrong sizes and shapes", "[gemm]") {
       Catch::Contains("output [3, 5]"));
   CHECK_NOTHROW(
       l.forward(MatrixView<const float>(x.data(), 3, 6), MatrixView<float>(y.data(), 3, 4)));
+}
+
+TEST_CASE("forward_rows refuses a scratch prepared for another input", "[gemm]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: no SIMD kernels (the reference path keeps no per-call data)");
+    return;
+  }
+  const int64_t n = 8, k = 64;
+  const std::vector<float> w = normal(n * k, 5);
+  const QuantizedLinear l = QuantizedLinear::from_quantized(
+      quantize(MatrixView<const float>(w.data(), n, k), {4, QuantMode::kSym, 32}), Numerics::kFast);
+  REQUIRE(l.numerics() == Numerics::kFast);
+  const std::vector<float> x = normal(3 * k, 6);
+  std::vector<float> y(static_cast<size_t>(3 * n));
+  LinearScratch scratch;
+  l.prepare(MatrixView<const float>(x.data(), 2, k), scratch);
+  CHECK_THROWS_WITH(l.forward_rows(MatrixView<const float>(x.data(), 3, k), scratch,
+                                   MatrixView<float>(y.data(), 3, n), 0, n),
+                    Catch::Contains("forward_rows needs the scratch prepare() made for this input "
+                                    "(3 x 64), not one for 2 x 64"));
+  l.prepare(MatrixView<const float>(x.data(), 3, k), scratch);
+  CHECK_NOTHROW(l.forward_rows(MatrixView<const float>(x.data(), 3, k), scratch,
+                               MatrixView<float>(y.data(), 3, n), 0, n));
 }
 
 TEST_CASE("matmul_nt_f32 and dot_f32 against a double loop", "[gemm]") {
