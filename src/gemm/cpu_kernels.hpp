@@ -24,6 +24,14 @@ namespace moqe::detail {
 // of the quantized activations (QuantizedX). One load, one shift and two masks give both blocks'
 // code bytes lined up with the activation bytes.
 //
+// Exact mode reads the paired 4-bit layout too (AVX2, groups of whole pairs of blocks: `fields`
+// kernels). Lane i of a pair's 32 bytes, as a 32-bit word, holds eight 4-bit fields: field f is the
+// code of column 8 (f / 2) + 32 (f % 2) + i of the 64 columns. A field masked in place is the
+// integer code x 2^(4f), exactly representable in fp32, so one AND and one convert give eight
+// weights (the top field: one shift); the activations are handed over in field order and scaled
+// by 2^(-4f) (field_order_rows), so every product is exactly code x x, and the zero point comes
+// off once per group as z x (the group's activation sum).
+//
 // Exact mode's signed layout (`signed_levels`, sym modes of 2, 3, 4 and 8 bits, whose zero point
 // is 2^(bits - 1)): every code is stored as code XOR 2^(bits - 1), the two's complement of its
 // level code - zero in `bits` bits, so the kernels get the level by sign extension (one shift pair)
@@ -66,6 +74,17 @@ PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
 // fresh layout from pack(), rows of an even number of blocks).
 bool can_pair(const PackedQuant& p);
 void pair_blocks(PackedQuant& p);
+// Exact mode reads the paired 4-bit layout too (AVX2, groups of whole pairs of blocks: `fields`
+// kernels). Lane i of a pair's 32 bytes, as a 32-bit word, holds eight 4-bit fields: field f is the
+// code of column 8 (f / 2) + 32 (f % 2) + i of the 64 columns. A field masked in place is the
+// integer code x 2^(4f), exactly representable in fp32, so one AND and one convert give eight
+// weights (the top field: one shift); the activations are handed over in field order and scaled
+// by 2^(-4f) (field_order_rows), so every product is exactly code x x, and the zero point comes
+// off once per group as z x (the group's activation sum).
+//
+// Exact mode's 4-bit field kernels read the paired layout: rows that can_pair whose groups are
+// whole pairs of blocks (per-channel rows included).
+inline bool can_field(const PackedQuant& p) { return can_pair(p) && p.group % 64 == 0; }
 // Exact mode's signed layout (see PackedQuant), in place; can_sign says when it applies (a fresh
 // layout, sym 2/3/4/8-bit codes).
 bool can_sign(const PackedQuant& p);
@@ -126,8 +145,24 @@ struct FastRows {
 // contraction), so both give the same sums.
 void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1, int64_t per_group,
                     float* gsum);
+// Kernels that read the activations prepare() left in the scratch: fast mode's quantized rows,
+// and exact mode's field-ordered rows (FieldKernel).
 using FastKernel = void (*)(const PackedQuant& w, const QuantizedX& x, int64_t m0, int mcount,
                             float* y, int64_t ldy, int64_t n0, int64_t n1);
+using FieldKernel = FastKernel;
+
+// The activations of exact mode's 4-bit field kernels (see PackedQuant): out.xp [m, k], each 64
+// columns in field order (out[64 p + 8 f + i] = x[64 p + 8 (f / 2) + 32 (f % 2) + i]), scaled by
+// 2^(-4f) for fields f < 7 when every value survives that exactly (out.xp_scaled: no nonzero
+// |x| < 2^-102, nothing infinite or NaN); out.gsum [m, groups] the group sums of x times
+// -zero_factor (the zero point for sym weights, whose zero point is a constant; 1 for asym, whose
+// kernels multiply by each group's zero point). Otherwise
+// (xp_scaled false) the values are left unscaled and the kernels take the exact levels code - z
+// per field instead (one shift and one subtraction more per 8 weights): results are then the
+// scalar reference's products in another order, infinities and NaN included.
+// size_field_x sizes out (outside the ISA-flagged files, which must not instantiate std::vector
+// growth); field_order_rows_avx2 fills it.
+void size_field_x(LinearScratch& out, int64_t m, int64_t k, int64_t group);
 
 // The kernels a layer calls, one per count of activation rows (1..4): chosen once when the layer
 // is built, so a call indexes a table instead of switching on bits, mode and storage.
@@ -136,6 +171,7 @@ struct KernelTable {
   QuantGemmKernel quant_gemm = nullptr;
   DenseGemmKernel dense_gemm = nullptr;
   FastKernel fast[4] = {};
+  FieldKernel fields[4] = {};  // exact 4-bit kernels over the paired layout (LinearScratch::xp)
   DenseKernel dense[4] = {};
   bool pair_order_x = false;  // quant[] reads x in pair order (LinearScratch::xp)
 };
@@ -151,7 +187,11 @@ inline bool avx512_fits(const PackedQuant& p) {
 
 #if defined(MOQE_HAVE_AVX2_KERNELS)
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels);
-QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels);
+// `paired`: exact 4-bit rows in the paired layout (can_field).
+QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels, bool paired);
+FieldKernel field_kernel_avx2(int mcount);
+void field_order_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+                           int zero_factor, LinearScratch& out);
 DenseKernel dense_kernel_avx2(DenseKind kind, int mcount);
 DenseGemmKernel dense_gemm_kernel_avx2(DenseKind kind);
 // `paired`: the kernel for the paired 4-bit layout.

@@ -143,9 +143,11 @@ inline void quant_row_groups(const PackedQuant& w, const float* x, int64_t ldx, 
   }
 }
 
-template <int B, int M, bool S>
-void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
-                  int64_t ldy, int64_t n0, int64_t n1) {
+// Weight rows [n0, n1) against M activation rows: row_groups(n, g0, g1, total) adds groups
+// [g0, g1) of row n to its totals, y[m * ldy + n] gets their sum.
+template <int M, class RowGroups>
+void walk_rows(const PackedQuant& w, float* y, int64_t ldy, int64_t n0, int64_t n1,
+               const RowGroups& row_groups) {
   // Activations beyond ~16 KiB (K > 4096 at one row, > 1024 at four) come from L2 for every
   // weight row. When the caller hands over an L2-sized block of rows (forward_rows does for more
   // than four activation rows, so that W is read from memory once), the rows go in blocks of
@@ -160,7 +162,7 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
     for (int64_t n = n0; n < n1; ++n) {
       __m256 total[M];
       for (int m = 0; m < M; ++m) total[m] = _mm256_setzero_ps();
-      quant_row_groups<B, M, S>(w, x, ldx, n, 0, w.groups, total);
+      row_groups(n, int64_t{0}, w.groups, total);
       for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(total[m]);
     }
     return;
@@ -173,14 +175,94 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
     }
     for (int64_t g0 = 0; g0 < w.groups; g0 += chunk_groups) {
       const int64_t g1 = std::min(w.groups, g0 + chunk_groups);
-      for (int64_t r = 0; r < rows; ++r) {
-        quant_row_groups<B, M, S>(w, x, ldx, r0 + r, g0, g1, totals[r]);
-      }
+      for (int64_t r = 0; r < rows; ++r) row_groups(r0 + r, g0, g1, totals[r]);
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int m = 0; m < M; ++m) y[m * ldy + r0 + r] = hsum(totals[r][m]);
     }
   }
+}
+
+template <int B, int M, bool S>
+void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
+    quant_row_groups<B, M, S>(w, x, ldx, n, g0, g1, total);
+  });
+}
+
+// Exact mode, 4-bit codes in the paired layout (see PackedQuant): per 64 weights one 32-byte load,
+// then per field one AND (the top field: one shift), one convert and M FMAs. Scaled: x is in
+// field order and scaled by 2^(-4f) (field_order_rows_avx2), the field's value is code x 2^(4f),
+// so each product is exactly x times the code; the group's sum less z x (its activation sum),
+// times its scale, goes into the total. Otherwise (x not scaled) each field is shifted down and
+// its zero point subtracted in integers: exact levels, as quant_row_groups.
+template <int M, bool Scaled, bool ConstZero>
+inline void field_row_groups(const PackedQuant& w, const float* const (&xs)[M],
+                             const float* const (&gcorr)[M], int64_t n, int64_t g0, int64_t g1,
+                             __m256 (&total)[M]) {
+  constexpr int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const int64_t pairs_per_group = w.group / 64, gi = n * w.groups;
+  const uint8_t* pair = w.data.data() + n * w.row_bytes + g0 * pairs_per_group * 32;
+  for (int64_t g = g0; g < g1; ++g) {
+    // Scaled: acc[m][0] starts with -z x sum(x) in lane 0 (gcorr), the zero point's share; the
+    // total's lanes are summed at the end.
+    __m256 acc[M][NA];
+    for (int m = 0; m < M; ++m) {
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+      if constexpr (Scaled) {
+        const float corr =
+            ConstZero ? gcorr[m][g] : gcorr[m][g] * static_cast<float>(w.zero[gi + g]);
+        acc[m][0] = _mm256_zextps128_ps256(_mm_set_ss(corr));
+      }
+    }
+    const __m256i zv = _mm256_set1_epi32(w.zero_at(gi + g));
+    const int64_t k0 = g * w.group;
+    for (int64_t q = 0; q < pairs_per_group; ++q, pair += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
+      const int64_t kq = k0 + 64 * q;
+      for (int f = 0; f < 8; ++f) {
+        __m256i c;
+        if constexpr (Scaled) {
+          c = f < 7 ? _mm256_and_si256(v, _mm256_set1_epi32(0xf << (4 * f)))
+                    : _mm256_srli_epi32(v, 28);
+        } else {
+          c = f == 0 ? v : _mm256_srli_epi32(v, 4 * f);
+          if (f < 7) c = _mm256_and_si256(c, _mm256_set1_epi32(0xf));
+          c = _mm256_sub_epi32(c, zv);
+        }
+        const __m256 d = _mm256_cvtepi32_ps(c);
+        for (int m = 0; m < M; ++m) {
+          acc[m][f % NA] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xs[m] + kq + 8 * f), acc[m][f % NA]);
+        }
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale_at(w, gi + g));
+    for (int m = 0; m < M; ++m) {
+      __m256 a = acc[m][0];
+      for (int t = 1; t < NA; ++t) a = _mm256_add_ps(a, acc[m][t]);
+      total[m] = _mm256_fmadd_ps(s, a, total[m]);
+    }
+  }
+}
+
+template <int M>
+void field_kernel(const PackedQuant& w, const LinearScratch& x, int64_t m0, int /*mcount*/,
+                  float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const float* xs[M];
+  const float* gsum[M];
+  for (int m = 0; m < M; ++m) {
+    xs[m] = x.xp.data() + (m0 + m) * x.k;
+    gsum[m] = x.gsum.data() + (m0 + m) * x.groups;
+  }
+  by_flag(x.xp_scaled, [&](auto scaled) {
+    by_flag(w.zero.empty(), [&](auto const_zero) {
+      walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
+        field_row_groups<M, decltype(scaled)::value, decltype(const_zero)::value>(w, xs, gsum, n,
+                                                                                  g0, g1, total);
+      });
+    });
+  });
 }
 
 // Many activation rows: a register-tiled GEMM. For each block of four weight rows and each chunk
@@ -278,7 +360,7 @@ void tiled_gemm(const Decode& decode, int64_t k, int64_t chunk, const float* x, 
   }
 }
 
-template <int B, bool S>
+template <int B, bool S, bool Paired>
 void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_t m, float* y,
                        int64_t ldy, int64_t n0, int64_t n1) {
   // The decoded tile holds the dequantized weights, (code - zero) x scale in fp32 exactly as the
@@ -287,6 +369,22 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
   // columns the flushes cost more than the FMAs). One multiply per weight per decode, shared by
   // all activation rows.
   auto decode = [&](int64_t row, int64_t c0, int64_t c1, float* dst) {
+    if constexpr (Paired) {  // 4-bit fields (see PackedQuant); chunks are whole pairs of blocks
+      const uint8_t* pair = w.data.data() + row * w.row_bytes + (c0 / 64) * 32;
+      for (int64_t c = c0; c < c1; c += 64, pair += 32) {
+        const int64_t gi = row * w.groups + c / w.group;
+        const __m256i z = _mm256_set1_epi32(w.zero_at(gi));
+        const __m256 s = _mm256_set1_ps(scale_at(w, gi));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
+        for (int f = 0; f < 8; ++f) {
+          __m256i code = f == 0 ? v : _mm256_srli_epi32(v, 4 * f);
+          if (f < 7) code = _mm256_and_si256(code, _mm256_set1_epi32(0xf));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(code, z));
+          _mm256_store_ps(dst + (c - c0) + 8 * (f / 2) + 32 * (f % 2), _mm256_mul_ps(d, s));
+        }
+      }
+      return;
+    }
     const uint8_t* blk = w.data.data() + row * w.row_bytes + (c0 / 32) * w.block_bytes;
     for (int64_t c = c0; c < c1; c += 32, blk += w.block_bytes) {
       const int64_t gi = row * w.groups + c / w.group;
@@ -604,12 +702,59 @@ FastKernel fast_kernel_avx2(int bits, int mcount, bool paired) {
   });
 }
 
-QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels) {
+QuantGemmKernel quant_gemm_kernel_avx2(int bits, bool signed_levels, bool paired) {
+  if (paired) return quant_gemm_kernel<4, false, true>;
   return by_bits(bits, [&](auto b) {
     return by_flag(signed_levels, [](auto s) -> QuantGemmKernel {
-      return quant_gemm_kernel<decltype(b)::value, decltype(s)::value>;
+      return quant_gemm_kernel<decltype(b)::value, decltype(s)::value, false>;
     });
   });
+}
+
+FieldKernel field_kernel_avx2(int mcount) {
+  return by_rows(mcount, [](auto m) -> FieldKernel { return field_kernel<decltype(m)::value>; });
+}
+
+void field_order_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
+                           int zero_factor, LinearScratch& out) {
+  size_field_x(out, m, k, group);
+  // Scaling by 2^(-4f) (f <= 6: at most 2^-24) is exact for zero and for |x| >= 2^-102; a
+  // smaller value, an infinity or a NaN (whose group sum could not take the zero point off) sends
+  // the call to the unscaled kernels.
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 tiny = _mm256_set1_ps(0x1p-102f), huge = _mm256_set1_ps(3.40282347e38f);
+  __m256 odd = _mm256_setzero_ps();
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * ldx;
+    for (int64_t c = 0; c < k; c += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(src + c), abs_mask);
+      odd = _mm256_or_ps(odd, _mm256_and_ps(_mm256_cmp_ps(a, tiny, _CMP_LT_OQ),
+                                            _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
+      odd = _mm256_or_ps(odd, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ));
+    }
+  }
+  out.xp_scaled = _mm256_movemask_ps(odd) == 0;
+  constexpr float kFieldScale[8] = {1.0f,     0x1p-4f,  0x1p-8f,  0x1p-12f,
+                                    0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};  // the top field: shifted
+  const int64_t pairs_per_group = group / 64;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * ldx;
+    float* dst = out.xp.data() + r * k;
+    float* gsum = out.gsum.data() + r * out.groups;
+    for (int64_t g = 0; g < out.groups; ++g) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t q = 0; q < pairs_per_group; ++q) {
+        const int64_t c = g * group + 64 * q;
+        for (int f = 0; f < 8; ++f) {
+          const __m256 v = _mm256_loadu_ps(src + c + 8 * (f / 2) + 32 * (f % 2));
+          sum = _mm256_add_ps(sum, v);
+          const float scale = out.xp_scaled ? kFieldScale[f] : 1.0f;
+          _mm256_storeu_ps(dst + c + 8 * f, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+        }
+      }
+      gsum[g] = -static_cast<float>(zero_factor) * hsum(sum);
+    }
+  }
 }
 
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels) {

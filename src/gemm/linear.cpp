@@ -67,14 +67,27 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
                     ? Numerics::kFast
                     : Numerics::kExact;
     detail::PackedQuant packed = detail::pack(*q_);
-    if (numerics_ == Numerics::kFast && detail::can_pair(packed)) detail::pair_blocks(packed);
-    if (numerics_ == Numerics::kExact && detail::can_sign(packed)) detail::sign_levels(packed);
+    // Exact 4-bit rows whose groups are whole pairs of blocks take the field kernels (AVX2; on
+    // AVX-512 the pair-of-blocks kernels below read the signed layout instead).
+    bool avx512_exact = false;
+#if defined(MOQE_HAVE_AVX512_KERNELS)
+    avx512_exact = active_cpu_isa() >= CpuIsa::kAvx512 && detail::avx512_fits(packed);
+#endif
+    const bool fields = numerics_ == Numerics::kExact && !avx512_exact && detail::can_field(packed);
+    if ((numerics_ == Numerics::kFast && detail::can_pair(packed)) || fields) {
+      detail::pair_blocks(packed);
+    }
+    if (numerics_ == Numerics::kExact && !fields && detail::can_sign(packed)) {
+      detail::sign_levels(packed);
+    }
     packed_ = std::make_shared<const detail::PackedQuant>(std::move(packed));
     q_.reset();  // the kernels and decode_row read the packed copy only
     isa_ = CpuIsa::kAvx2;
     for (int m = 1; m <= 4; ++m) {
       if (numerics_ == Numerics::kFast) {
         table->fast[m - 1] = detail::fast_kernel_avx2(scheme_.bits, m, packed_->paired);
+      } else if (fields) {
+        table->fields[m - 1] = detail::field_kernel_avx2(m);
       } else {
         table->quant[m - 1] = detail::quant_kernel_avx2(scheme_.bits, m, packed_->signed_levels);
       }
@@ -83,7 +96,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     // The same layouts, read two blocks at a time (rows that avx512_fits); the prefill GEMM below
     // stays AVX2's.
     if (detail::avx512_fits(*packed_)) {
-      if (numerics_ == Numerics::kExact && active_cpu_isa() >= CpuIsa::kAvx512) {
+      if (numerics_ == Numerics::kExact && avx512_exact) {
         for (int m = 1; m <= 4; ++m) {
           table->quant[m - 1] =
               detail::quant_kernel_avx512(scheme_.bits, m, packed_->signed_levels);
@@ -101,7 +114,8 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     }
 #endif
     if (numerics_ == Numerics::kExact) {
-      table->quant_gemm = detail::quant_gemm_kernel_avx2(scheme_.bits, packed_->signed_levels);
+      table->quant_gemm =
+          detail::quant_gemm_kernel_avx2(scheme_.bits, packed_->signed_levels, fields);
     }
   } else {
     const detail::DenseKind kind = storage_ == WeightStorage::kF32   ? detail::DenseKind::kF32
@@ -243,6 +257,10 @@ void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch)
     if (kernels_->pair_order_x && x.rows() < detail::kGemmMinRows) {
       detail::pair_order_rows(x.data(), x.row_stride(), x.rows(), k_, scratch.xp);
     }
+    if (kernels_->fields[0] != nullptr && x.rows() < detail::kGemmMinRows) {
+      detail::field_order_rows_avx2(x.data(), x.row_stride(), x.rows(), k_, packed_->group,
+                                    packed_->zero.empty() ? packed_->zero_const : 1, scratch);
+    }
     if (numerics_ == Numerics::kFast) {
       detail::quantize_activations_avx2(x.data(), x.row_stride(), x.rows(), k_, packed_->group,
                                         scratch);
@@ -257,7 +275,7 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
   if (m_count == 0 || n0 >= n1) return;
   if (kernels_) {
     const detail::KernelTable& kt = *kernels_;
-    if (numerics_ == Numerics::kFast || kt.pair_order_x) {
+    if (numerics_ == Numerics::kFast || kt.pair_order_x || kt.fields[0] != nullptr) {
       MOQE_CHECK(scratch.m == m_count && scratch.k == k_,
                  "QuantizedLinear [{}, {}]: forward_rows needs the scratch prepare() made for this "
                  "input ({} x {}), not one for {} x {}",
@@ -291,6 +309,8 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
         const int mc = static_cast<int>(std::min<int64_t>(4, m_count - m0));
         if (kt.fast[mc - 1] != nullptr) {
           kt.fast[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), b0, b1);
+        } else if (kt.fields[mc - 1] != nullptr) {
+          kt.fields[mc - 1](*packed_, scratch, m0, mc, y.row(m0), y.row_stride(), b0, b1);
         } else if (kt.quant[mc - 1] != nullptr) {
           const float* xm = kt.pair_order_x ? scratch.xp.data() + m0 * k_ : x.row(m0);
           kt.quant[mc - 1](*packed_, xm, kt.pair_order_x ? k_ : x.row_stride(), mc, y.row(m0),

@@ -189,6 +189,14 @@ void size_quantized_x(QuantizedX& out, int64_t m, int64_t k, int64_t group) {
   out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
 }
 
+void size_field_x(LinearScratch& out, int64_t m, int64_t k, int64_t group) {
+  out.m = m;
+  out.k = k;
+  out.groups = k / group;
+  if (out.xp.size() < static_cast<size_t>(m * k)) out.xp.resize(static_cast<size_t>(m * k));
+  out.gsum.assign(static_cast<size_t>(m * out.groups), 0.0f);
+}
+
 void add_group_sums(const float* d, const int32_t* sums, int64_t b0, int64_t b1, int64_t per_group,
                     float* gsum) {
   for (int64_t b = b0; b < b1; ++b) {

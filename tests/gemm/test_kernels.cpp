@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <tuple>
 
@@ -37,10 +38,21 @@ QuantizedLinear build(CpuIsa isa, const QuantizedMatrix& q) {
   return QuantizedLinear::from_quantized(q);
 }
 
+// Exact 4-bit layers whose groups are whole pairs of blocks run AVX2's field kernels, which take
+// the zero point off through each group's activation sum: the products they sum are x code (code
+// = level + z) and the correction z sum(x), so their rounding is bounded against
+// sum |s x| (code + z) instead of sum |w x| = sum |s x| |code - z|.
+bool zero_via_sums(const QuantizedLinear& l, const QuantizedMatrix& q) {
+  return l.isa() == CpuIsa::kAvx2 && l.numerics() == Numerics::kExact && q.scheme().bits == 4 &&
+         q.cols() % 64 == 0 && q.group_size() % 64 == 0;
+}
+
 void check_close(const QuantizedLinear& fast, const QuantizedLinear& ref, int64_t m_count,
-                 uint32_t seed) {
+                 uint32_t seed, const QuantizedMatrix* q = nullptr, float x_scale = 1.0f) {
   const int64_t n = ref.out_features(), k = ref.in_features();
-  const std::vector<float> x = randn(static_cast<size_t>(m_count * k), seed);
+  std::vector<float> x = randn(static_cast<size_t>(m_count * k), seed);
+  for (float& v : x) v *= x_scale;
+  const bool sums = q != nullptr && zero_via_sums(fast, *q);
   std::vector<float> y(static_cast<size_t>(m_count * n), std::nanf("")), yr(y.size());
   fast.forward(MatrixView<const float>(x.data(), m_count, k),
                MatrixView<float>(y.data(), m_count, n), 2);
@@ -52,7 +64,12 @@ void check_close(const QuantizedLinear& fast, const QuantizedLinear& ref, int64_
     for (int64_t m = 0; m < m_count; ++m) {
       double bound = 0;
       for (int64_t c = 0; c < k; ++c) {
-        const double mag = std::fabs(w[c]);
+        double mag = std::fabs(w[c]);
+        if (sums) {
+          const int64_t g = c / q->group_size();
+          mag = std::fabs(q->scale(r, g)) *
+                (unpack_code(q->packed_row(r), c, 4) + static_cast<double>(q->zero(r, g)));
+        }
         bound += mag * std::fabs(x[m * k + c]);
       }
       const double tol = 2.0 * double(k + 8) * std::ldexp(1.0, -24) * bound;
@@ -95,7 +112,7 @@ TEST_CASE("SIMD quantized kernels match the scalar oracle", "[gemm][kernels]") {
               // 17 and 64 rows: the tiled GEMM of exact mode (kGemmMinRows; row counts with
               // and without a remainder of its three-row tiles, N not a multiple of its
               // four-row blocks, K in chunks of whole groups or one per-channel row).
-              for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++);
+              for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) check_close(fast, ref, m, seed++, &q);
             }
           }
         }
@@ -122,9 +139,16 @@ TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[g
   // one activation row, > 1024 at four) are walked in chunks that end inside groups (K = 4128,
   // groups of 96; groups of 128 and 1024 and per-channel rows at 3 and 4 rows).
   const Shape shapes[] = {
-      {300, 4096, 128, 8, QuantMode::kSym},     {40, 4128, 96, 4, QuantMode::kAsym},
-      {37, 960, 96, 4, QuantMode::kSym},        {37, 960, 96, 3, QuantMode::kAsym},
-      {21, 2048, 1024, 4, QuantMode::kSymFull}, {19, 1056, kPerChannel, 2, QuantMode::kSym}};
+      {300, 4096, 128, 8, QuantMode::kSym},
+      {40, 4128, 96, 4, QuantMode::kAsym},
+      {37, 960, 96, 4, QuantMode::kSym},
+      {37, 960, 96, 3, QuantMode::kAsym},
+      {21, 2048, 1024, 4, QuantMode::kSymFull},
+      {19, 1056, kPerChannel, 2, QuantMode::kSym},
+      // 4-bit field kernels (exact, groups of whole pairs of blocks) over row blocks and chunks.
+      {300, 4096, 128, 4, QuantMode::kSym},
+      {40, 4096, 64, 4, QuantMode::kAsym},
+      {24, 2048, kPerChannel, 4, QuantMode::kSym}};
   uint32_t seed = 500;
   for (const Shape& sh : shapes) {
     const QuantScheme s{sh.bits, sh.mode, sh.group};
@@ -134,7 +158,7 @@ TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[g
     const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
     CAPTURE(sh.n, sh.k, s.to_string());
     CHECK(fast.to_f32() == dequantize(q));
-    for (int64_t m : {1, 2, 5, 7, 11, 12, 13, 14, 40}) check_close(fast, ref, m, seed++);
+    for (int64_t m : {1, 2, 5, 7, 11, 12, 13, 14, 40}) check_close(fast, ref, m, seed++, &q);
   }
   // Strided x and y (as the MoE layer's grouped pass hands them over) give the same results as
   // dense ones, on the four-row kernels and on the tiled GEMM.
@@ -178,6 +202,48 @@ TEST_CASE("SIMD kernels: row blocks, tiled GEMM chunks and odd group sizes", "[g
   };
   const QuantizedLinear df = make(CpuIsa::kAvx2), dr = make(CpuIsa::kReference);
   for (int64_t m : {14, 15}) check_close(df, dr, m, seed++);
+}
+
+TEST_CASE("4-bit field kernels: tiny, infinite and NaN activations", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  const int64_t n = 37, k = 1024;
+  uint32_t seed = 900;
+  for (QuantMode mode : {QuantMode::kSym, QuantMode::kAsym}) {
+    const QuantScheme s{4, mode, 128};
+    const auto wv = randn(static_cast<size_t>(n * k), seed++);
+    const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
+    const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
+    CAPTURE(s.to_string());
+    // Activations of ~1e-37 would lose their bits scaled by 2^-24 for the top fields: the call
+    // takes the unscaled kernels (exact levels) and matches the reference as closely as ever.
+    for (int64_t m : {1, 3, 6}) check_close(fast, ref, m, seed++, &q, 1e-37f);
+    // An infinity gives what the reference gives (+-inf by the weight's sign, NaN where it is 0);
+    // a NaN gives NaN everywhere. Group sums would turn every infinity into NaN.
+    std::vector<float> w(static_cast<size_t>(k));
+    for (float bad : {std::numeric_limits<float>::infinity(), std::nanf("")}) {
+      std::vector<float> x = randn(static_cast<size_t>(2 * k), seed++);
+      x[static_cast<size_t>(k + 77)] = bad;  // row 1 only: row 0 stays finite in the same call
+      std::vector<float> y(static_cast<size_t>(2 * n)), yr(y.size());
+      fast.forward(MatrixView<const float>(x.data(), 2, k), MatrixView<float>(y.data(), 2, n), 1);
+      ref.forward(MatrixView<const float>(x.data(), 2, k), MatrixView<float>(yr.data(), 2, n), 1);
+      for (int64_t r = 0; r < n; ++r) {
+        ref.decode_row(r, w.data());
+        CAPTURE(bad, r, w[77]);
+        CHECK(std::isfinite(y[static_cast<size_t>(r)]));
+        const float v = y[static_cast<size_t>(n + r)], vr = yr[static_cast<size_t>(n + r)];
+        if (std::isnan(bad) || w[77] == 0.0f) {
+          CHECK(std::isnan(v));
+          CHECK(std::isnan(vr));
+        } else {
+          CHECK(v == vr);
+          CHECK(std::isinf(v));
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm][kernels]") {

@@ -35,7 +35,8 @@ struct LinearScratch {
   std::vector<int8_t> q;    // [m, k], fast mode
   std::vector<float> d;     // [m, k / 32], fast mode
   std::vector<float> gsum;  // [m, groups], fast mode
-  std::vector<float> xp;    // [m, k], AVX-512 exact kernels (decode batches)
+  std::vector<float> xp;    // [m, k], AVX-512 exact kernels and AVX2 4-bit ones (decode batches)
+  bool xp_scaled = false;   // AVX2 4-bit exact kernels: xp holds x scaled per code field
 };
 
 // kExact keeps DESIGN.md section 2 numerics with fp32 activations. kFast (opt-in) quantizes the
