@@ -24,13 +24,14 @@ namespace moqe::detail {
 // of the quantized activations (QuantizedX). One load, one shift and two masks give both blocks'
 // code bytes lined up with the activation bytes.
 //
-// Exact mode reads the paired 4-bit layout too (AVX2, groups of whole pairs of blocks: `fields`
+// Exact mode reads the paired 4-bit layout too (AVX2, groups of whole pairs of blocks: the field
 // kernels). Lane i of a pair's 32 bytes, as a 32-bit word, holds eight 4-bit fields: field f is the
 // code of column 8 (f / 2) + 32 (f % 2) + i of the 64 columns. A field masked in place is the
-// integer code x 2^(4f), exactly representable in fp32, so one AND and one convert give eight
-// weights (the top field: one shift); the activations are handed over in field order and scaled
-// by 2^(-4f) (field_order_rows), so every product is exactly code x x, and the zero point comes
-// off once per group as z x (the group's activation sum).
+// integer code x 2^e, exactly representable in fp32, so one AND and one convert give eight
+// weights (e = 4f for fields 0..3; fields 4..6 are masked in the word shifted down by 16 bits,
+// e = 4 (f - 4); the top field is shifted down, e = 0). The activations are handed over in field
+// order and scaled by 2^-e (field_order_rows_avx2), so every product is exactly code x x, and the
+// zero point comes off once per group as z x (the group's activation sum).
 //
 // Exact mode's signed layout (`signed_levels`, sym modes of 2, 3, 4 and 8 bits, whose zero point
 // is 2^(bits - 1)): every code is stored as code XOR 2^(bits - 1), the two's complement of its
@@ -74,14 +75,6 @@ PackedQuant concat_rows(const PackedQuant& a, const PackedQuant& b);
 // fresh layout from pack(), rows of an even number of blocks).
 bool can_pair(const PackedQuant& p);
 void pair_blocks(PackedQuant& p);
-// Exact mode reads the paired 4-bit layout too (AVX2, groups of whole pairs of blocks: `fields`
-// kernels). Lane i of a pair's 32 bytes, as a 32-bit word, holds eight 4-bit fields: field f is the
-// code of column 8 (f / 2) + 32 (f % 2) + i of the 64 columns. A field masked in place is the
-// integer code x 2^(4f), exactly representable in fp32, so one AND and one convert give eight
-// weights (the top field: one shift); the activations are handed over in field order and scaled
-// by 2^(-4f) (field_order_rows), so every product is exactly code x x, and the zero point comes
-// off once per group as z x (the group's activation sum).
-//
 // Exact mode's 4-bit field kernels read the paired layout: rows that can_pair whose groups are
 // whole pairs of blocks (per-channel rows included).
 inline bool can_field(const PackedQuant& p) { return can_pair(p) && p.group % 64 == 0; }
@@ -153,8 +146,8 @@ using FieldKernel = FastKernel;
 
 // The activations of exact mode's 4-bit field kernels (see PackedQuant): out.xp [m, k], each 64
 // columns in field order (out[64 p + 8 f + i] = x[64 p + 8 (f / 2) + 32 (f % 2) + i]), scaled by
-// 2^(-4f) for fields f < 7 when every value survives that exactly (out.xp_scaled: no nonzero
-// |x| < 2^-102, nothing infinite or NaN); out.gsum [m, groups] the group sums of x times
+// 2^-e (see PackedQuant) when every value survives that exactly (out.xp_scaled: no nonzero
+// |x| < 2^-114, nothing infinite or NaN); out.gsum [m, groups] the group sums of x times
 // -zero_factor (the zero point for sym weights, whose zero point is a constant; 1 for asym, whose
 // kernels multiply by each group's zero point). Otherwise
 // (xp_scaled false) the values are left unscaled and the kernels take the exact levels code - z

@@ -217,7 +217,7 @@ TEST_CASE("4-bit field kernels: tiny, infinite and NaN activations", "[gemm][ker
     const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), n, k), s);
     const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
     CAPTURE(s.to_string());
-    // Activations of ~1e-37 would lose their bits scaled by 2^-24 for the top fields: the call
+    // Activations of ~1e-37 would lose their bits scaled by 2^-12 for some fields: the call
     // takes the unscaled kernels (exact levels) and matches the reference as closely as ever.
     for (int64_t m : {1, 3, 6}) check_close(fast, ref, m, seed++, &q, 1e-37f);
     // An infinity gives what the reference gives (+-inf by the weight's sign, NaN where it is 0);
