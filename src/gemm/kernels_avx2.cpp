@@ -255,6 +255,62 @@ inline void field_row_groups(const PackedQuant& w, const float* const (&xs)[M],
   }
 }
 
+// Rows from which one activation row (fp32, in field order) no longer fits L1.
+constexpr int64_t kLongRow = 8192;
+
+// One activation row against R = 1 or 2 weight rows [n, n + R), whole rows: each activation vector
+// is loaded once for both rows (long rows, whose activations come from L2: half the L2 reads).
+// Scaled x only; two accumulators per weight row, in the same order whether the row is paired or
+// not, so a row's result does not depend on how the rows were split.
+template <int R, bool ConstZero, int Scales, int PPG>
+inline void field_rows_long(const PackedQuant& w, const float* xs, const float* gcorr, int64_t n,
+                            float* y) {
+  const int64_t pairs_per_group = PPG > 0 ? PPG : w.group / 64;
+  const uint8_t* pair[R];
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) {
+    pair[r] = w.data.data() + (n + r) * w.row_bytes;
+    total[r] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (n + r) * w.groups + g;
+      const float corr = ConstZero ? gcorr[g] : gcorr[g] * static_cast<float>(w.zero[gi]);
+      acc[r][0] = _mm256_zextps128_ps256(_mm_set_ss(corr));
+      acc[r][1] = _mm256_setzero_ps();
+    }
+    const int64_t k0 = g * w.group;
+    for (int64_t q = 0; q < pairs_per_group; ++q) {
+      __m256i v[R], v16[R];
+      for (int r = 0; r < R; ++r) {
+        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair[r]));
+        v16[r] = _mm256_srli_epi32(v[r], 16);
+        pair[r] += 32;
+      }
+      const int64_t kq = k0 + 64 * q;
+      for (int f = 0; f < 8; ++f) {
+        const __m256 xv = _mm256_loadu_ps(xs + kq + 8 * f);
+        for (int r = 0; r < R; ++r) {
+          const __m256i c = f < 4 ? _mm256_and_si256(v[r], _mm256_set1_epi32(0xf << (4 * f)))
+                            : f < 7
+                                ? _mm256_and_si256(v16[r], _mm256_set1_epi32(0xf << (4 * (f - 4))))
+                                : _mm256_srli_epi32(v[r], 28);
+          acc[r][f % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), xv, acc[r][f % 2]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (n + r) * w.groups + g;
+      const float sg = Scales == 16   ? _cvtsh_ss(w.scale16[static_cast<size_t>(gi)])
+                       : Scales == 32 ? w.scale32[static_cast<size_t>(gi)]
+                                      : scale_at(w, gi);
+      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(sg), _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[n + r] = hsum(total[r]);
+}
+
 template <int M>
 void field_kernel(const PackedQuant& w, const LinearScratch& x, int64_t m0, int /*mcount*/,
                   float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -265,6 +321,15 @@ void field_kernel(const PackedQuant& w, const LinearScratch& x, int64_t m0, int 
     gsum[m] = x.gsum.data() + (m0 + m) * x.groups;
   }
   auto run = [&]<bool Scaled, bool ConstZero, int Scales, int PPG>() {
+    if constexpr (M == 1 && Scaled) {
+      if (x.k >= kLongRow) {  // activations beyond L1: two weight rows per pass
+        int64_t n = n0;
+        for (; n + 2 <= n1; n += 2)
+          field_rows_long<2, ConstZero, Scales, PPG>(w, xs[0], gsum[0], n, y);
+        if (n < n1) field_rows_long<1, ConstZero, Scales, PPG>(w, xs[0], gsum[0], n, y);
+        return;
+      }
+    }
     walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
       field_row_groups<M, Scaled, ConstZero, Scales, PPG>(w, xs, gsum, n, g0, g1, total);
     });

@@ -246,6 +246,45 @@ TEST_CASE("4-bit field kernels: tiny, infinite and NaN activations", "[gemm][ker
   }
 }
 
+TEST_CASE("4-bit field kernels: long rows, two weight rows per pass", "[gemm][kernels]") {
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    WARN("SKIPPED: this CPU has no AVX2 kernels");
+    return;
+  }
+  // K >= 8192 at one activation row: rows go in pairs sharing each activation load, the last one
+  // of an odd range alone, in the same order: a row's result must not depend on the split.
+  struct Case {
+    int64_t n, k, group;
+    QuantMode mode;
+    ScaleType st;
+  };
+  const Case cases[] = {{37, 8192, 128, QuantMode::kSym, ScaleType::kF16},
+                        {21, 8192, 64, QuantMode::kAsym, ScaleType::kF16},
+                        {19, 8256, kPerChannel, QuantMode::kSym, ScaleType::kF32},
+                        {18, 8448, 256, QuantMode::kAsym, ScaleType::kF32}};
+  uint32_t seed = 950;
+  for (const Case& c : cases) {
+    const QuantScheme s{4, c.mode, c.group, c.st};
+    REQUIRE(check_scheme(s, c.k).empty());
+    const auto wv = randn(static_cast<size_t>(c.n * c.k), seed++);
+    const QuantizedMatrix q = quantize(MatrixView<const float>(wv.data(), c.n, c.k), s);
+    const QuantizedLinear fast = build(CpuIsa::kAvx2, q), ref = build(CpuIsa::kReference, q);
+    CAPTURE(c.n, c.k, s.to_string());
+    REQUIRE(zero_via_sums(fast, q));
+    for (int64_t m : {1, 2, 5}) check_close(fast, ref, m, seed++, &q);
+    // The same rows paired differently (ranges starting at 0 and at 1) give the same bits.
+    const std::vector<float> x = randn(static_cast<size_t>(c.k), seed++);
+    const MatrixView<const float> xv(x.data(), 1, c.k);
+    LinearScratch scratch;
+    fast.prepare(xv, scratch);
+    std::vector<float> ya(static_cast<size_t>(c.n)), yb(ya.size());
+    fast.forward_rows(xv, scratch, MatrixView<float>(ya.data(), 1, c.n), 0, c.n);
+    fast.forward_rows(xv, scratch, MatrixView<float>(yb.data(), 1, c.n), 0, 1);
+    fast.forward_rows(xv, scratch, MatrixView<float>(yb.data(), 1, c.n), 1, c.n);
+    CHECK(ya == yb);
+  }
+}
+
 TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm][kernels]") {
   if (best_cpu_isa() < CpuIsa::kAvx2) {
     WARN("SKIPPED: this CPU has no AVX2 kernels");
