@@ -246,13 +246,14 @@ TEST_CASE("4-bit field kernels: tiny, infinite and NaN activations", "[gemm][ker
   }
 }
 
-TEST_CASE("4-bit field kernels: long rows, two weight rows per pass", "[gemm][kernels]") {
+TEST_CASE("4-bit field kernels: two weight rows per pass, long rows", "[gemm][kernels]") {
   if (best_cpu_isa() < CpuIsa::kAvx2) {
     WARN("SKIPPED: this CPU has no AVX2 kernels");
     return;
   }
-  // K >= 8192 at one activation row: rows go in pairs sharing each activation load, the last one
-  // of an odd range alone, in the same order: a row's result must not depend on the split.
+  // One activation row: weight rows go in pairs (one from each half of the range) sharing each
+  // activation load, the last one of an odd range alone, in the same order: a row's result must
+  // not depend on the split. K >= 8192: activations beyond L1.
   struct Case {
     int64_t n, k, group;
     QuantMode mode;
