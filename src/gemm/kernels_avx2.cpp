@@ -183,12 +183,58 @@ void walk_rows(const PackedQuant& w, float* y, int64_t ldy, int64_t n0, int64_t 
   }
 }
 
+// One activation row against R = 1 or 2 weight rows (n and n + dn), whole rows, each activation
+// vector loaded once for both; two accumulators per weight row, in the same order whether the row
+// is paired or not.
+template <int B, bool S, int R>
+inline void quant_rows_pair(const PackedQuant& w, const float* x, int64_t n, int64_t dn, float* y) {
+  const int64_t blocks_per_group = w.group / 32;
+  const uint8_t* blk[R];
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) {
+    blk[r] = w.data.data() + (n + r * dn) * w.row_bytes;
+    total[r] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256 acc[R][2];
+    __m256i z[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      z[r] = _mm256_set1_epi32(w.zero_at((n + r * dn) * w.groups + g));
+    }
+    const int64_t k0 = g * w.group;
+    for (int64_t b = 0; b < blocks_per_group; ++b) {
+      __m256 d[R][4];
+      for (int r = 0; r < R; ++r) {
+        block_levels<B, S>(blk[r], z[r], d[r]);
+        blk[r] += w.block_bytes;
+      }
+      const int64_t kb = k0 + 32 * b;
+      for (int j = 0; j < 4; ++j) {
+        const __m256 xv = _mm256_loadu_ps(x + kb + 8 * j);
+        for (int r = 0; r < R; ++r) acc[r][j % 2] = _mm256_fmadd_ps(d[r][j], xv, acc[r][j % 2]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(scale_at(w, (n + r * dn) * w.groups + g));
+      total[r] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[n + r * dn] = hsum(total[r]);
+}
+
 template <int B, int M, bool S>
 void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
                   int64_t ldy, int64_t n0, int64_t n1) {
-  walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
-    quant_row_groups<B, M, S>(w, x, ldx, n, g0, g1, total);
-  });
+  if constexpr (M == 1) {  // pairs of rows from the two halves, as field_kernel
+    const int64_t half = (n1 - n0) / 2;
+    for (int64_t i = 0; i < half; ++i) quant_rows_pair<B, S, 2>(w, x, n0 + i, half, y);
+    if (n0 + 2 * half < n1) quant_rows_pair<B, S, 1>(w, x, n1 - 1, 1, y);
+  } else {
+    walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
+      quant_row_groups<B, M, S>(w, x, ldx, n, g0, g1, total);
+    });
+  }
 }
 
 // Exact mode, 4-bit codes in the paired layout (see PackedQuant): per 64 weights one 32-byte load
