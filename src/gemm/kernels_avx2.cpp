@@ -237,6 +237,14 @@ void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcoun
   }
 }
 
+// Group scale i of w, for scales known to be fp16 (Scales = 16) or fp32 (32), or either (0).
+template <int Scales>
+inline float group_scale(const PackedQuant& w, int64_t i) {
+  if constexpr (Scales == 16) return _cvtsh_ss(w.scale16[static_cast<size_t>(i)]);
+  if constexpr (Scales == 32) return w.scale32[static_cast<size_t>(i)];
+  return scale_at(w, i);
+}
+
 // Exact mode, 4-bit codes in the paired layout (see PackedQuant): per 64 weights one 32-byte load
 // and one shift, then per field one AND (the top field: one shift), one convert and M FMAs.
 // Scaled: x is in field order and scaled by 2^-e (field_order_rows_avx2), the field's value is
@@ -289,9 +297,7 @@ inline void field_row_groups(const PackedQuant& w, const float* const (&xs)[M],
         }
       }
     }
-    const float sg = Scales == 16   ? _cvtsh_ss(w.scale16[static_cast<size_t>(gi + g)])
-                     : Scales == 32 ? w.scale32[static_cast<size_t>(gi + g)]
-                                    : scale_at(w, gi + g);
+    const float sg = group_scale<Scales>(w, gi + g);
     const __m256 s = _mm256_set1_ps(sg);
     for (int m = 0; m < M; ++m) {
       __m256 a = acc[m][0];
@@ -344,9 +350,7 @@ inline void field_rows_pair(const PackedQuant& w, const float* xs, const float* 
     }
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (n + r * dn) * w.groups + g;
-      const float sg = Scales == 16   ? _cvtsh_ss(w.scale16[static_cast<size_t>(gi)])
-                       : Scales == 32 ? w.scale32[static_cast<size_t>(gi)]
-                                      : scale_at(w, gi);
+      const float sg = group_scale<Scales>(w, gi);
       total[r] = _mm256_fmadd_ps(_mm256_set1_ps(sg), _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
     }
   }
