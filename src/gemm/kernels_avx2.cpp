@@ -708,66 +708,96 @@ void fast_kernel(const PackedQuant& w, const QuantizedX& x, int64_t m0, int /*mc
 
 // Fast mode over the paired 4-bit layout: per 64 codes one 32-byte load, one shift and two masks
 // (the unpaired kernel spends seven operations per 32). The same operations in the same order per
-// block as fast_kernel, so results are identical.
-template <int M, bool G32>
-void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0, float* y,
-                           int64_t ldy, int64_t n0, int64_t n1) {
+// block as fast_kernel, so results are identical. R = 2 runs weight rows n and n + dn side by
+// side (one activation row: pairs from the two halves of the range, as the exact kernels), each
+// row with its own totals in the same order, so pairing changes no result either.
+template <int M, bool G32, int R>
+inline void fast_pair_rows(const PackedQuant& w, const FastRows<M>& xr, int64_t n, int64_t dn,
+                           float* y, int64_t ldy) {
   const int64_t blocks_per_group = w.group / 32, blocks = w.k / 32;
   const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0f);
-  const FastRows<M> xr(x, m0);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* pr = w.data.data() + n * w.row_bytes;
-    const int64_t gi = n * w.groups;
-    // Groups of one block (G32): two alternating totals, as fast_kernel_g32; otherwise one total
-    // and the group's partial sums in acc.
-    __m256 total[M][2], acc[M];
-    float corr[M];
+  const uint8_t* pr[R];
+  int64_t gi[R];
+  // Groups of one block (G32): two alternating totals, as fast_kernel_g32; otherwise one total
+  // and the group's partial sums in acc.
+  __m256 total[R][M][2], acc[R][M];
+  float corr[R][M];
+  for (int r = 0; r < R; ++r) {
+    pr[r] = w.data.data() + (n + r * dn) * w.row_bytes;
+    gi[r] = (n + r * dn) * w.groups;
     for (int m = 0; m < M; ++m) {
-      total[m][0] = total[m][1] = acc[m] = _mm256_setzero_ps();
-      corr[m] = 0.0f;
+      total[r][m][0] = total[r][m][1] = acc[r][m] = _mm256_setzero_ps();
+      corr[r][m] = 0.0f;
     }
-    int64_t g = 0, group_end = blocks_per_group;
-    auto block = [&](int64_t bi, __m256i c) {
-      if constexpr (G32) {
-        const float sg = scale_at(w, gi + bi);
-        const float off = sg * static_cast<float>(w.zero_at(gi + bi));
-        for (int m = 0; m < M; ++m) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
-          total[m][bi & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                             _mm256_set1_ps(xr.d[m][bi] * sg), total[m][bi & 1]);
-          corr[m] += off * xr.gsum[m][bi];
-        }
-        return;
-      }
-      // Block bi's products into acc; at a group's last block, the group into total.
+  }
+  int64_t g = 0, group_end = blocks_per_group;
+  // Block bi of row r: G32 straight into the totals; otherwise into acc, and at a group's last
+  // block the group into the total.
+  auto block = [&](int r, int64_t bi, __m256i c) {
+    if constexpr (G32) {
+      const float sg = scale_at(w, gi[r] + bi);
+      const float off = sg * static_cast<float>(w.zero_at(gi[r] + bi));
       for (int m = 0; m < M; ++m) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][bi]), acc[m]);
+        total[r][m][bi & 1] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][bi] * sg), total[r][m][bi & 1]);
+        corr[r][m] += off * xr.gsum[m][bi];
       }
-      if (bi + 1 == group_end) {
-        const float sg = scale_at(w, gi + g);
-        const __m256 s = _mm256_set1_ps(sg);
-        const float off = sg * static_cast<float>(w.zero_at(gi + g));
-        for (int m = 0; m < M; ++m) {
-          total[m][0] = _mm256_fmadd_ps(s, acc[m], total[m][0]);
-          corr[m] += off * xr.gsum[m][g];
-          acc[m] = _mm256_setzero_ps();
-        }
-        ++g;
-        group_end += blocks_per_group;
-      }
-    };
-    for (int64_t bi = 0; bi < blocks; bi += 2, pr += 32) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr));
-      block(bi, _mm256_and_si256(v, mask));
-      block(bi + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+      return;
     }
     for (int m = 0; m < M; ++m) {
-      const __m256 t = G32 ? _mm256_add_ps(total[m][0], total[m][1]) : total[m][0];
-      y[m * ldy + n] = hsum(t) - corr[m];
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q[m] + 32 * bi));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
+      acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xr.d[m][bi]), acc[r][m]);
     }
+    if (bi + 1 == group_end) {
+      const float sg = scale_at(w, gi[r] + g);
+      const __m256 s = _mm256_set1_ps(sg);
+      const float off = sg * static_cast<float>(w.zero_at(gi[r] + g));
+      for (int m = 0; m < M; ++m) {
+        total[r][m][0] = _mm256_fmadd_ps(s, acc[r][m], total[r][m][0]);
+        corr[r][m] += off * xr.gsum[m][g];
+        acc[r][m] = _mm256_setzero_ps();
+      }
+    }
+  };
+  auto next_group = [&](int64_t bi) {
+    if (!G32 && bi + 1 == group_end) {
+      ++g;
+      group_end += blocks_per_group;
+    }
+  };
+  for (int64_t bi = 0; bi < blocks; bi += 2) {
+    __m256i v[R];
+    for (int r = 0; r < R; ++r) {
+      v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr[r]));
+      pr[r] += 32;
+    }
+    for (int r = 0; r < R; ++r) block(r, bi, _mm256_and_si256(v[r], mask));
+    next_group(bi);
+    for (int r = 0; r < R; ++r)
+      block(r, bi + 1, _mm256_and_si256(_mm256_srli_epi16(v[r], 4), mask));
+    next_group(bi + 1);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < M; ++m) {
+      const __m256 t = G32 ? _mm256_add_ps(total[r][m][0], total[r][m][1]) : total[r][m][0];
+      y[m * ldy + n + r * dn] = hsum(t) - corr[r][m];
+    }
+  }
+}
+
+template <int M, bool G32>
+void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0, float* y,
+                           int64_t ldy, int64_t n0, int64_t n1) {
+  const FastRows<M> xr(x, m0);
+  if constexpr (M == 1) {
+    const int64_t half = (n1 - n0) / 2;
+    for (int64_t i = 0; i < half; ++i) fast_pair_rows<M, G32, 2>(w, xr, n0 + i, half, y, ldy);
+    if (n0 + 2 * half < n1) fast_pair_rows<M, G32, 1>(w, xr, n1 - 1, 1, y, ldy);
+  } else {
+    for (int64_t n = n0; n < n1; ++n) fast_pair_rows<M, G32, 1>(w, xr, n, 1, y, ldy);
   }
 }
 

@@ -289,6 +289,26 @@ TEST_CASE("decode kernels at one activation row: two weight rows per pass", "[ge
     fast.forward_rows(xv, scratch, MatrixView<float>(yb.data(), 1, c.n), 1, c.n);
     CHECK(ya == yb);
   }
+  // Fast mode's paired 4-bit kernel pairs rows the same way (groups of one block and longer).
+  for (int64_t g : {int64_t{32}, int64_t{128}}) {
+    const int64_t n = 29, k = 2048;
+    const auto wv = randn(static_cast<size_t>(n * k), seed++);
+    const QuantizedMatrix q =
+        quantize(MatrixView<const float>(wv.data(), n, k), QuantScheme{4, QuantMode::kSym, g});
+    const test::ScopedCpuIsa cap(CpuIsa::kAvx2);
+    const QuantizedLinear fast = QuantizedLinear::from_quantized(q, Numerics::kFast);
+    REQUIRE(fast.numerics() == Numerics::kFast);
+    const std::vector<float> x = randn(static_cast<size_t>(k), seed++);
+    const MatrixView<const float> xv(x.data(), 1, k);
+    LinearScratch scratch;
+    fast.prepare(xv, scratch);
+    std::vector<float> ya(static_cast<size_t>(n)), yb(ya.size());
+    fast.forward_rows(xv, scratch, MatrixView<float>(ya.data(), 1, n), 0, n);
+    fast.forward_rows(xv, scratch, MatrixView<float>(yb.data(), 1, n), 0, 1);
+    fast.forward_rows(xv, scratch, MatrixView<float>(yb.data(), 1, n), 1, n);
+    CAPTURE(g);
+    CHECK(ya == yb);
+  }
 }
 
 TEST_CASE("SIMD dense kernels (f32, f16, bf16) match the scalar oracle", "[gemm][kernels]") {
