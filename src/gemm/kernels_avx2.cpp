@@ -144,7 +144,8 @@ inline void quant_row_groups(const PackedQuant& w, const float* x, int64_t ldx, 
 }
 
 // Weight rows [n0, n1) against M activation rows: row_groups(n, g0, g1, total) adds groups
-// [g0, g1) of row n to its totals, y[m * ldy + n] gets their sum.
+// [g0, g1) of row n to its totals, y[m * ldy + n] gets their sum. (At one activation row the
+// decode kernels take rows in pairs instead: quant_rows_pair, field_rows_pair.)
 template <int M, class RowGroups>
 void walk_rows(const PackedQuant& w, float* y, int64_t ldy, int64_t n0, int64_t n1,
                const RowGroups& row_groups) {
