@@ -184,6 +184,18 @@ void walk_rows(const PackedQuant& w, float* y, int64_t ldy, int64_t n0, int64_t 
   }
 }
 
+// At one activation row the decode kernels take weight rows [n0, n1) in pairs, row i with row
+// i + half (one from each half: each activation load serves both rows, the second row's work
+// hides the first's per-group reduction, and each half of W is still read as one stream; adjacent
+// rows side by side ran ~30% slower cold at K = 4096), the last row of an odd range alone:
+// rows(Int<R>{}, n, dn) runs rows n and n + dn (R = 2) or n (R = 1).
+template <class Rows>
+inline void in_row_pairs(int64_t n0, int64_t n1, const Rows& rows) {
+  const int64_t half = (n1 - n0) / 2;
+  for (int64_t i = 0; i < half; ++i) rows(Int<2>{}, n0 + i, half);
+  if (n0 + 2 * half < n1) rows(Int<1>{}, n1 - 1, int64_t{1});
+}
+
 // One activation row against R = 1 or 2 weight rows (n and n + dn), whole rows, each activation
 // vector loaded once for both; two accumulators per weight row, in the same order whether the row
 // is paired or not.
@@ -227,10 +239,10 @@ inline void quant_rows_pair(const PackedQuant& w, const float* x, int64_t n, int
 template <int B, int M, bool S>
 void quant_kernel(const PackedQuant& w, const float* x, int64_t ldx, int /*mcount*/, float* y,
                   int64_t ldy, int64_t n0, int64_t n1) {
-  if constexpr (M == 1) {  // pairs of rows from the two halves, as field_kernel
-    const int64_t half = (n1 - n0) / 2;
-    for (int64_t i = 0; i < half; ++i) quant_rows_pair<B, S, 2>(w, x, n0 + i, half, y);
-    if (n0 + 2 * half < n1) quant_rows_pair<B, S, 1>(w, x, n1 - 1, 1, y);
+  if constexpr (M == 1) {
+    in_row_pairs(n0, n1, [&](auto r, int64_t n, int64_t dn) {
+      quant_rows_pair<B, S, decltype(r)::value>(w, x, n, dn, y);
+    });
   } else {
     walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
       quant_row_groups<B, M, S>(w, x, ldx, n, g0, g1, total);
@@ -244,6 +256,21 @@ inline float group_scale(const PackedQuant& w, int64_t i) {
   if constexpr (Scales == 16) return _cvtsh_ss(w.scale16[static_cast<size_t>(i)]);
   if constexpr (Scales == 32) return w.scale32[static_cast<size_t>(i)];
   return scale_at(w, i);
+}
+
+// Field f (0..7) of a pair's eight 32-bit lanes (see PackedQuant). Scaled: masked in place, the
+// code times 2^e (fields 4..6 masked in v16 = v >> 16, so four masks serve all fields: seven left
+// too few registers, the compiler rebuilt two masks every group); otherwise shifted down to the
+// code.
+template <bool Scaled>
+inline __m256i field_bits(__m256i v, __m256i v16, int f) {
+  if constexpr (Scaled) {
+    return f < 4   ? _mm256_and_si256(v, _mm256_set1_epi32(0xf << (4 * f)))
+           : f < 7 ? _mm256_and_si256(v16, _mm256_set1_epi32(0xf << (4 * (f - 4))))
+                   : _mm256_srli_epi32(v, 28);
+  }
+  const __m256i c = f == 0 ? v : _mm256_srli_epi32(v, 4 * f);
+  return f < 7 ? _mm256_and_si256(c, _mm256_set1_epi32(0xf)) : c;
 }
 
 // Exact mode, 4-bit codes in the paired layout (see PackedQuant): per 64 weights one 32-byte load
@@ -277,22 +304,11 @@ inline void field_row_groups(const PackedQuant& w, const float* const (&xs)[M],
     const int64_t k0 = g * w.group;
     for (int64_t q = 0; q < pairs_per_group; ++q, pair += 32) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
-      // Scaled: fields 4..6 masked in v >> 16, so four masks serve all fields (seven left too few
-      // registers: the compiler rebuilt two masks every group).
       const __m256i v16 = Scaled ? _mm256_srli_epi32(v, 16) : v;
       const int64_t kq = k0 + 64 * q;
       for (int f = 0; f < 8; ++f) {
-        __m256i c;
-        if constexpr (Scaled) {
-          c = f < 4   ? _mm256_and_si256(v, _mm256_set1_epi32(0xf << (4 * f)))
-              : f < 7 ? _mm256_and_si256(v16, _mm256_set1_epi32(0xf << (4 * (f - 4))))
-                      : _mm256_srli_epi32(v, 28);
-        } else {
-          c = f == 0 ? v : _mm256_srli_epi32(v, 4 * f);
-          if (f < 7) c = _mm256_and_si256(c, _mm256_set1_epi32(0xf));
-          c = _mm256_sub_epi32(c, zv);
-        }
-        const __m256 d = _mm256_cvtepi32_ps(c);
+        const __m256i c = field_bits<Scaled>(v, v16, f);
+        const __m256 d = _mm256_cvtepi32_ps(Scaled ? c : _mm256_sub_epi32(c, zv));
         for (int m = 0; m < M; ++m) {
           acc[m][f % NA] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xs[m] + kq + 8 * f), acc[m][f % NA]);
         }
@@ -341,10 +357,7 @@ inline void field_rows_pair(const PackedQuant& w, const float* xs, const float* 
       for (int f = 0; f < 8; ++f) {
         const __m256 xv = _mm256_loadu_ps(xs + kq + 8 * f);
         for (int r = 0; r < R; ++r) {
-          const __m256i c = f < 4 ? _mm256_and_si256(v[r], _mm256_set1_epi32(0xf << (4 * f)))
-                            : f < 7
-                                ? _mm256_and_si256(v16[r], _mm256_set1_epi32(0xf << (4 * (f - 4))))
-                                : _mm256_srli_epi32(v[r], 28);
+          const __m256i c = field_bits<true>(v[r], v16[r], f);
           acc[r][f % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), xv, acc[r][f % 2]);
         }
       }
@@ -369,18 +382,9 @@ void field_kernel(const PackedQuant& w, const LinearScratch& x, int64_t m0, int 
   }
   auto run = [&]<bool Scaled, bool ConstZero, int Scales, int PPG>() {
     if constexpr (M == 1 && Scaled) {
-      // Two weight rows per pass, one from each half of the range: each activation load serves
-      // both (at K = 14336 the activations come from L2: half the L2 reads), the other row's
-      // work hides each group's reduction, and each half of W is still read as one stream
-      // (adjacent rows side by side ran ~30% slower cold at K = 4096). Cold, batch 1, against
-      // one row at a time: w4_g128 14336x4096 ~1.1x, 4096x14336 ~1.2x, per-channel likewise.
-      const int64_t half = (n1 - n0) / 2;
-      for (int64_t i = 0; i < half; ++i) {
-        field_rows_pair<2, ConstZero, Scales, PPG>(w, xs[0], gsum[0], n0 + i, half, y);
-      }
-      if (n0 + 2 * half < n1) {
-        field_rows_pair<1, ConstZero, Scales, PPG>(w, xs[0], gsum[0], n1 - 1, 1, y);
-      }
+      in_row_pairs(n0, n1, [&](auto r, int64_t n, int64_t dn) {
+        field_rows_pair<decltype(r)::value, ConstZero, Scales, PPG>(w, xs[0], gsum[0], n, dn, y);
+      });
     } else {
       walk_rows<M>(w, y, ldy, n0, n1, [&](int64_t n, int64_t g0, int64_t g1, __m256(&total)[M]) {
         field_row_groups<M, Scaled, ConstZero, Scales, PPG>(w, xs, gsum, n, g0, g1, total);
@@ -514,9 +518,7 @@ void quant_gemm_kernel(const PackedQuant& w, const float* x, int64_t ldx, int64_
         const __m256 s = _mm256_set1_ps(scale_at(w, gi));
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
         for (int f = 0; f < 8; ++f) {
-          __m256i code = f == 0 ? v : _mm256_srli_epi32(v, 4 * f);
-          if (f < 7) code = _mm256_and_si256(code, _mm256_set1_epi32(0xf));
-          const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(code, z));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(field_bits<false>(v, v, f), z));
           _mm256_store_ps(dst + (c - c0) + 8 * (f / 2) + 32 * (f % 2), _mm256_mul_ps(d, s));
         }
       }
@@ -794,9 +796,9 @@ void fast_pair_kernel_impl(const PackedQuant& w, const QuantizedX& x, int64_t m0
                            int64_t ldy, int64_t n0, int64_t n1) {
   const FastRows<M> xr(x, m0);
   if constexpr (M == 1) {
-    const int64_t half = (n1 - n0) / 2;
-    for (int64_t i = 0; i < half; ++i) fast_pair_rows<M, G32, 2>(w, xr, n0 + i, half, y, ldy);
-    if (n0 + 2 * half < n1) fast_pair_rows<M, G32, 1>(w, xr, n1 - 1, 1, y, ldy);
+    in_row_pairs(n0, n1, [&](auto r, int64_t n, int64_t dn) {
+      fast_pair_rows<M, G32, decltype(r)::value>(w, xr, n, dn, y, ldy);
+    });
   } else {
     for (int64_t n = n0; n < n1; ++n) fast_pair_rows<M, G32, 1>(w, xr, n, 1, y, ldy);
   }
@@ -885,43 +887,44 @@ FieldKernel field_kernel_avx2(int mcount) {
 void field_order_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group,
                            int zero_factor, LinearScratch& out) {
   size_field_x(out, m, k, group);
-  // Scaling by 2^-e (at least 2^-12) is exact for zero and for |x| >= 2^-114; a
-  // smaller value, an infinity or a NaN (whose group sum could not take the zero point off) sends
-  // the call to the unscaled kernels.
+  // Scaling by 2^-e (at least 2^-12) is exact for zero and for |x| >= 2^-114; a smaller value, an
+  // infinity or a NaN (whose group sum could not take the zero point off) sends the call to the
+  // unscaled kernels: the rows are then written again unscaled (rare; one pass otherwise).
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 tiny = _mm256_set1_ps(0x1p-114f), huge = _mm256_set1_ps(3.40282347e38f);
-  __m256 odd = _mm256_setzero_ps();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* src = x + r * ldx;
-    for (int64_t c = 0; c < k; c += 8) {
-      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(src + c), abs_mask);
-      odd = _mm256_or_ps(odd, _mm256_and_ps(_mm256_cmp_ps(a, tiny, _CMP_LT_OQ),
-                                            _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
-      odd = _mm256_or_ps(odd, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ));
-    }
-  }
-  out.xp_scaled = _mm256_movemask_ps(odd) == 0;
   // 2^-e per field (see PackedQuant).
   constexpr float kFieldScale[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 1.0f, 0x1p-4f, 0x1p-8f, 1.0f};
   const int64_t pairs_per_group = group / 64;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* src = x + r * ldx;
-    float* dst = out.xp.data() + r * k;
-    float* gsum = out.gsum.data() + r * out.groups;
-    for (int64_t g = 0; g < out.groups; ++g) {
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t q = 0; q < pairs_per_group; ++q) {
-        const int64_t c = g * group + 64 * q;
-        for (int f = 0; f < 8; ++f) {
-          const __m256 v = _mm256_loadu_ps(src + c + 8 * (f / 2) + 32 * (f % 2));
-          sum = _mm256_add_ps(sum, v);
-          const float scale = out.xp_scaled ? kFieldScale[f] : 1.0f;
-          _mm256_storeu_ps(dst + c + 8 * f, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+  // Writes the rows scaled or not; true when scaling kept every value exact.
+  auto fill = [&](bool scaled) {
+    __m256 odd = _mm256_setzero_ps();
+    for (int64_t r = 0; r < m; ++r) {
+      const float* src = x + r * ldx;
+      float* dst = out.xp.data() + r * k;
+      float* gsum = out.gsum.data() + r * out.groups;
+      for (int64_t g = 0; g < out.groups; ++g) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t q = 0; q < pairs_per_group; ++q) {
+          const int64_t c = g * group + 64 * q;
+          for (int f = 0; f < 8; ++f) {
+            const __m256 v = _mm256_loadu_ps(src + c + 8 * (f / 2) + 32 * (f % 2));
+            const __m256 a = _mm256_and_ps(v, abs_mask);
+            odd = _mm256_or_ps(odd,
+                               _mm256_and_ps(_mm256_cmp_ps(a, tiny, _CMP_LT_OQ),
+                                             _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
+            odd = _mm256_or_ps(odd, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ));
+            sum = _mm256_add_ps(sum, v);
+            const float scale = scaled ? kFieldScale[f] : 1.0f;
+            _mm256_storeu_ps(dst + c + 8 * f, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+          }
         }
+        gsum[g] = -static_cast<float>(zero_factor) * hsum(sum);
       }
-      gsum[g] = -static_cast<float>(zero_factor) * hsum(sum);
     }
-  }
+    return _mm256_movemask_ps(odd) == 0;
+  };
+  out.xp_scaled = fill(true);
+  if (!out.xp_scaled) fill(false);
 }
 
 QuantKernel quant_kernel_avx2(int bits, int mcount, bool signed_levels) {

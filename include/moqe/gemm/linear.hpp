@@ -34,7 +34,7 @@ struct LinearScratch {
   int64_t m = 0, k = 0, groups = 0;
   std::vector<int8_t> q;    // [m, k], fast mode
   std::vector<float> d;     // [m, k / 32], fast mode
-  std::vector<float> gsum;  // [m, groups], fast mode
+  std::vector<float> gsum;  // [m, groups], fast mode; AVX2 4-bit exact kernels: -z x group sums
   std::vector<float> xp;    // [m, k], AVX-512 exact kernels and AVX2 4-bit ones (decode batches)
   bool xp_scaled = false;   // AVX2 4-bit exact kernels: xp holds x scaled per code field
 };
