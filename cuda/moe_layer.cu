@@ -11,52 +11,6 @@
 namespace moqe::cuda {
 namespace {
 
-std::string join(std::string_view prefix, std::string_view name) {
-  return prefix.empty() ? std::string(name) : std::string(prefix) + "." + std::string(name);
-}
-
-QuantizedMatrix load_required(const Checkpoint& ckpt, const std::string& name, int64_t rows,
-                              int64_t cols) {
-  const std::string where = ckpt.path().string();
-  if (!is_quantized(ckpt, name)) {
-    MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}'", where, name);
-    MOQE_FAIL(
-        "{}: tensor '{}' is {}, not moqe-quantized: the CUDA layer runs quantized experts only "
-        "(quantize it with `moqe quantize`, or run the layer on the CPU)",
-        where, name, ckpt.info(name).describe());
-  }
-  QuantizedMatrix q = load_quantized(ckpt, name);
-  MOQE_CHECK(rows < 0 || (q.rows() == rows && q.cols() == cols),
-             "{}: tensor '{}' has shape [{}, {}], expected [{}, {}]", where, name, q.rows(),
-             q.cols(), rows, cols);
-  return q;
-}
-
-struct MlpNames {
-  std::string gate, up, down;  // gate empty: an mlp (up, down)
-};
-
-DeviceExperts build_experts(const Checkpoint& ckpt, const std::vector<MlpNames>& names,
-                            int64_t hidden, Activation act, GemmPath path) {
-  std::vector<QuantizedMatrix> gate, up, down;
-  const bool glu = !names.front().gate.empty();
-  int64_t inter = 0;
-  for (const MlpNames& n : names) {
-    MOQE_CHECK(n.gate.empty() != glu, "{}: experts mix gated and ungated MLPs ('{}')",
-               ckpt.path().string(), n.up);
-    up.push_back(load_required(ckpt, n.up, -1, -1));
-    const QuantizedMatrix& u = up.back();
-    if (inter == 0) inter = u.rows();
-    MOQE_CHECK(u.cols() == hidden && u.rows() == inter,
-               "{}: tensor '{}' has shape [{}, {}], expected [{}, {}] (every expert on the device "
-               "has expert 0's shape)",
-               ckpt.path().string(), n.up, u.rows(), u.cols(), inter, hidden);
-    if (glu) gate.push_back(load_required(ckpt, n.gate, inter, hidden));
-    down.push_back(load_required(ckpt, n.down, hidden, inter));
-  }
-  return make_device_experts(gate, up, down, act, path);
-}
-
 // The expert MLP over rows of x: offsets null is one expert over max_rows rows (a shared expert).
 // Two GEMMs: the first applies the activation (and, GLU, multiplies by up) in its epilogue and
 // writes the fp16/bf16 input of the second; the second scales each row by row_scale (the routing
@@ -177,58 +131,36 @@ MoELayer::MoELayer(const Router& router, DeviceExperts experts, std::vector<Shar
 MoELayer MoELayer::load(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
                         const DeviceLoadOptions& options) {
   const std::string where = ckpt.path().string();
-  // The router (and the host shared experts, unused here) through the CPU loader, with no routed
-  // experts: the names, shapes and config checks stay in one place.
+  const std::string_view family = to_string(c.family);
+  // What the device layer does not compute is refused by name before anything is read.
+  MOQE_CHECK(!c.swiglu, "{}: the {} experts' clamped SwiGLU is not implemented on the device yet",
+             where, family);
+  MOQE_CHECK(c.shared_combine == SharedCombine::kAdd,
+             "{}: {}'s averaged shared expert is not implemented on the device yet", where, family);
+  MOQE_CHECK(family_info(c.family).output_bias.empty(),
+             "{}: {}'s output bias is not implemented on the device yet", where, family);
+  MOQE_CHECK(!c.shared_biases,
+             "{}: {}'s shared-expert biases are not implemented on the device yet", where, family);
   LoadOptions lo;
   lo.switch_passthrough = options.switch_passthrough;
-  const std::vector<int64_t> none;
-  MoeLayerParts parts = load_moe_parts(ckpt, prefix, c, lo, std::span<const int64_t>(none));
-  const int64_t hidden = parts.hidden;
-  MOQE_CHECK(!ckpt.contains(join(prefix, "experts.gate_up_proj")),
-             "{}: fused expert tensors ('{}') are not supported by the CUDA layer yet; use "
-             "per-expert tensors",
-             where, join(prefix, "experts.gate_up_proj"));
-  std::vector<MlpNames> names;
-  for (int64_t e = 0; e < c.num_experts; ++e) {
-    if (c.family == Family::kSwitch) {
-      const std::string base = join(prefix, "experts.expert_" + std::to_string(e));
-      const bool gated =
-          is_quantized(ckpt, base + ".wi_0.weight") || ckpt.contains(base + ".wi_0.weight");
-      names.push_back({gated ? base + ".wi_0.weight" : "",
-                       base + (gated ? ".wi_1.weight" : ".wi.weight"), base + ".wo.weight"});
-    } else {
-      const std::string base = join(prefix, "experts." + std::to_string(e));
-      const bool mixtral = c.family == Family::kMixtral;
-      names.push_back({base + (mixtral ? ".w1.weight" : ".gate_proj.weight"),
-                       base + (mixtral ? ".w3.weight" : ".up_proj.weight"),
-                       base + (mixtral ? ".w2.weight" : ".down_proj.weight")});
-    }
-  }
-  DeviceExperts experts = build_experts(ckpt, names, hidden, c.activation, options.path);
+  lo.allow_unused_tensors = options.allow_unused_tensors;
+  QuantizedLayer q = load_quantized_layer(ckpt, prefix, c, lo);
+  const std::string unsupported = device_router_unsupported(q.router.config());
+  MOQE_CHECK(unsupported.empty(), "{}: the {} router: {}", where, family, unsupported);
+  DeviceExperts experts =
+      make_device_experts(q.experts.gate, q.experts.up, q.experts.down, c.activation, options.path);
   std::vector<Shared> shared;
-  auto add_shared = [&](const std::string& base, const std::string& gate_name) {
+  if (q.shared) {
     Shared s;
-    s.mlp = build_experts(
-        ckpt, {{base + ".gate_proj.weight", base + ".up_proj.weight", base + ".down_proj.weight"}},
-        hidden, c.activation, options.path);
-    if (!gate_name.empty()) {
-      const std::vector<float> g = ckpt.to_float(gate_name);
-      MOQE_CHECK(static_cast<int64_t>(g.size()) == hidden,
-                 "{}: tensor '{}' holds {} values, expected {}", where, gate_name, g.size(),
-                 hidden);
-      s.gate = DeviceBuffer(g.size() * sizeof(float));
-      s.gate.upload(std::span<const float>(g));
+    s.mlp = make_device_experts(q.shared->gate, q.shared->up, q.shared->down, c.activation,
+                                options.path);
+    if (!q.shared_gate.empty()) {
+      s.gate = DeviceBuffer(q.shared_gate.size() * sizeof(float));
+      s.gate.upload(std::span<const float>(q.shared_gate));
     }
     shared.push_back(std::move(s));
-  };
-  if (!parts.shared.empty()) {
-    if (c.family == Family::kQwen2Moe) {
-      add_shared(join(prefix, "shared_expert"), join(prefix, "shared_expert_gate.weight"));
-    } else {
-      add_shared(join(prefix, "shared_experts"), "");
-    }
   }
-  return MoELayer(parts.router, std::move(experts), std::move(shared), options.act_type);
+  return MoELayer(q.router, std::move(experts), std::move(shared), options.act_type);
 }
 
 int64_t MoELayer::device_bytes() const {

@@ -136,7 +136,8 @@ struct SelectParams {
   bool norm_topk_prob;
   int64_t experts, top_k, slots, n_group, topk_group;
   float routed_scaling_factor;
-  const float* bias;  // [E] or nullptr
+  float norm_epsilon, norm_min;  // renormalization: w /= max(sum + norm_epsilon, norm_min)
+  const float* bias;             // [E] or nullptr
   const int32_t* task_experts;
   const float* task_weights;
   int64_t num_tasks;
@@ -231,7 +232,8 @@ __global__ void select_kernel(SelectParams p, int64_t tokens) {
       const bool renorm = p.kind == RouterKind::kMixtral ||
                           (p.kind == RouterKind::kSoftmaxTopK && p.norm_topk_prob);
       if (renorm) {
-        for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+        const float d = fmaxf(sum + p.norm_epsilon, p.norm_min);
+        for (int64_t j = 0; j < k; ++j) w[j] /= d;
       }
       break;
     }
@@ -271,7 +273,8 @@ __global__ void select_kernel(SelectParams p, int64_t tokens) {
       float sum = 0;
       for (int64_t j = 0; j < k; ++j) sum += (w[j] = s[ids[j]]);
       if (p.norm_topk_prob) {
-        for (int64_t j = 0; j < k; ++j) w[j] /= sum + 1e-20f;
+        const float d = fmaxf(sum + p.norm_epsilon, p.norm_min);
+        for (int64_t j = 0; j < k; ++j) w[j] /= d;
       }
       for (int64_t j = 0; j < k; ++j) w[j] *= p.routed_scaling_factor;
       break;
@@ -396,7 +399,8 @@ __global__ void select_warp_kernel(SelectParams p, int64_t tokens) {
         const bool renorm = p.kind == RouterKind::kMixtral ||
                             (p.kind == RouterKind::kSoftmaxTopK && p.norm_topk_prob);
         if (renorm) {
-          for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+          const float d = fmaxf(sum + p.norm_epsilon, p.norm_min);
+          for (int64_t j = 0; j < k; ++j) w[j] /= d;
         }
       }
       break;
@@ -436,7 +440,8 @@ __global__ void select_warp_kernel(SelectParams p, int64_t tokens) {
         float sum = 0;
         for (int64_t j = 0; j < k; ++j) sum += (w[j] = s[ids[j]]);
         if (p.norm_topk_prob) {
-          for (int64_t j = 0; j < k; ++j) w[j] /= sum + 1e-20f;
+          const float d = fmaxf(sum + p.norm_epsilon, p.norm_min);
+          for (int64_t j = 0; j < k; ++j) w[j] /= d;
         }
         for (int64_t j = 0; j < k; ++j) w[j] *= p.routed_scaling_factor;
       }
@@ -611,9 +616,30 @@ unsigned blocks_for(int64_t n, int64_t per_block) {
 
 }  // namespace
 
+std::string device_router_unsupported(const RouterConfig& c) {
+  switch (c.kind) {
+    case RouterKind::kTopKSoftmax:
+    case RouterKind::kTopKSigmoid:
+    case RouterKind::kSparseMixer:
+      return fmt::format("{} routing is not implemented on the device yet", to_string(c.kind));
+    default:
+      break;
+  }
+  if (!c.router_bias.empty()) return "a router bias is not implemented on the device yet";
+  if (!c.correction_bias.empty() && c.kind != RouterKind::kDeepSeekV3) {
+    return fmt::format("a correction bias with {} routing is not implemented on the device yet",
+                       to_string(c.kind));
+  }
+  if (c.norm_p != 1.0f) return "p-norm renormalization is not implemented on the device yet";
+  if (c.scale_input) return "weights on the experts' input are not implemented on the device yet";
+  return {};
+}
+
 DeviceRouter::DeviceRouter(const Router& router)
     : config_(router.config()), hidden_(router.hidden()) {
   const RouterConfig& c = config_;
+  const std::string unsupported = device_router_unsupported(c);
+  MOQE_CHECK(unsupported.empty(), "cuda router: {}", unsupported);
   if (c.kind != RouterKind::kTask) {
     const std::span<const float> g = router.gate_weight();
     gate_ = DeviceBuffer(g.size_bytes());
@@ -723,6 +749,8 @@ void DeviceRouter::route(const float* x, int64_t tokens, int64_t ldx, DeviceRout
   p.n_group = is_grouped(c) ? c.n_group : 1;
   p.topk_group = is_grouped(c) ? c.topk_group : 0;
   p.routed_scaling_factor = c.routed_scaling_factor;
+  p.norm_epsilon = c.norm_epsilon;
+  p.norm_min = c.norm_min;
   p.bias = bias_.size() > 0 ? bias_.as<float>() : nullptr;
   p.task_experts = task_experts_.as<int32_t>();
   p.task_weights = task_weights_.as<float>();

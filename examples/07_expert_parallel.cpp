@@ -61,7 +61,7 @@ int run(int argc, char** argv) {
   const moqe::MoeConfig config =
       moqe::read_moe_config(dir / "model" / "config.json", moqe::Family::kMixtral);
   const std::string prefix = moqe::synthetic_moe_prefix(spec);
-  const auto placement = moqe::ExpertPlacement::contiguous(config.num_experts, ranks);
+  const auto placement = moqe::ExpertPlacement::contiguous(config.num_experts(), ranks);
   moqe::ExpertParallelMoELayer layer =
       moqe::load_expert_parallel_layer(ckpt, prefix, config, comm, placement);
   const auto mine = layer.local_expert_ids();

@@ -21,6 +21,7 @@
 #include "moqe/moe/dispatch.hpp"
 #include "moqe/moe/expert.hpp"
 #include "moqe/moe/expert_group.hpp"
+#include "moqe/moe/family.hpp"
 #include "moqe/moe/loader.hpp"
 #include "moqe/moe/moe_layer.hpp"
 #include "moqe/moe/router.hpp"

@@ -3,14 +3,17 @@
 #include <fmt/core.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "moqe/core/dtypes.hpp"
 #include "moqe/core/error.hpp"
 #include "moqe/io/checkpoint.hpp"
 #include "moqe/io/convert.hpp"
@@ -94,6 +97,69 @@ void write_text_atomically(const std::filesystem::path& path, const std::string&
 
 }  // namespace
 
+namespace {
+
+// The checkpoint's config.json and the family it names: --family auto (the default) detects it;
+// a named family must agree with model_type unless --family-override.
+MoeConfig config_for(const std::string& weights, const std::string& config_arg,
+                     const std::string& family, bool override) {
+  const std::filesystem::path config =
+      config_arg.empty() ? default_config_path(weights) : std::filesystem::path(config_arg);
+  if (family == "auto") {
+    MOQE_CHECK(!override, "--family-override needs a --family to use instead of model_type");
+    return read_moe_config(config);
+  }
+  const auto f = parse_family(family);
+  MOQE_CHECK(f.has_value(), "unknown --family '{}'; supported: auto, {}", family,
+             supported_families());
+  return read_moe_config(config, *f, override);
+}
+
+void warn_ignored(const Checkpoint& ckpt) {
+  if (ckpt.ignored().empty()) return;
+  std::string names;
+  for (const auto& f : ckpt.ignored()) {
+    if (!names.empty()) names.append(", ");
+    names.append(f.filename().string());
+  }
+  std::fprintf(stderr, "moqe: warning: %s: not part of the checkpoint, ignored: %s\n",
+               ckpt.path().string().c_str(), names.c_str());
+}
+
+// The output must not replace an input (a file of the checkpoint, x, the config), and its
+// directory must take a new file: both are checked before the layer is loaded or run.
+void check_output(const std::filesystem::path& out, const std::vector<std::filesystem::path>& in,
+                  const Checkpoint* checkpoint = nullptr) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<fs::path> files = in;
+  if (checkpoint != nullptr) {
+    for (const auto& f : checkpoint->files()) files.push_back(f->path());
+  }
+  for (const fs::path& p : files) {
+    if (fs::exists(out, ec) && fs::exists(p, ec) && fs::equivalent(out, p, ec)) {
+      MOQE_FAIL("--output {} is also an input ({}); write the result elsewhere", out.string(),
+                p.string());
+    }
+  }
+  MOQE_CHECK(!fs::is_directory(out, ec), "--output {} is a directory; name a file", out.string());
+  const fs::path dir = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  MOQE_CHECK(fs::is_directory(dir, ec), "--output {}: directory {} does not exist", out.string(),
+             dir.string());
+  MOQE_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0,
+             "--output {}: cannot write into directory {} ({})", out.string(), dir.string(),
+             std::strerror(errno));
+}
+
+std::optional<DType> parse_output_dtype(const std::string& s) {
+  if (s == "f32" || s == "F32") return DType::kF32;
+  if (s == "f16" || s == "F16") return DType::kF16;
+  if (s == "bf16" || s == "BF16") return DType::kBF16;
+  return std::nullopt;
+}
+
+}  // namespace
+
 void add_inspect(CLI::App& app, Action& action) {
   struct Opts {
     std::vector<std::string> files;
@@ -150,6 +216,7 @@ void add_inspect(CLI::App& app, Action& action) {
 void add_quantize(CLI::App& app, Action& action) {
   struct Opts {
     std::string input, output, mode = "sym", group = "default", scale = "f16", report;
+    std::string config, family = "auto";
     std::string include{default_include_regex()}, exclude;
     int bits = 0, threads = 0;
     double tau = 0.10;
@@ -177,6 +244,11 @@ void add_quantize(CLI::App& app, Action& action) {
       ->capture_default_str();
   cmd->add_option("--exclude", o->exclude, "regex of tensor names never to quantize");
   cmd->add_option("--report", o->report, "write a JSON report of every tensor to this file");
+  cmd->add_option("--config", o->config,
+                  "config.json naming the model family (default: beside the input, if there); "
+                  "needed for fused expert tensors");
+  cmd->add_option("--family", o->family, "auto (from config.json) or a family name")
+      ->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
   cmd->add_flag("--quiet", o->quiet, "no progress display and no table");
   cmd->callback([&action, o] {
@@ -222,17 +294,34 @@ void add_quantize(CLI::App& app, Action& action) {
       c.include_regex = o->include;
       c.exclude_regex = o->exclude;
       c.num_threads = o->threads;
+      // The family (from config.json, when there is one) says how fused expert tensors hold
+      // their experts.
+      const std::filesystem::path config =
+          o->config.empty() ? default_config_path(o->input) : std::filesystem::path(o->config);
+      std::optional<MoeConfig> family;
+      if (!o->config.empty() || std::filesystem::exists(config)) {
+        family = config_for(o->input, config.string(), o->family, false);
+        c.expert_stack = [mc = *family](std::string_view name, std::span<const int64_t> shape) {
+          return expert_stack(mc, name, shape);
+        };
+      } else {
+        MOQE_CHECK(o->family == "auto", "--family {}: no config.json beside {} (pass --config)",
+                   o->family, o->input);
+      }
       const Checkpoint input(o->input);
+      check_output(o->output, {config}, &input);
+      warn_ignored(input);
       Progress progress(!o->quiet);
       const ConvertReport r = quantize_checkpoint(
           input, o->output, c, [&progress](const ConvertProgress& p) { progress(p); });
       progress.clear();
       if (!o->report.empty()) write_text_atomically(o->report, report_to_json(r));
-      if (!o->quiet) print_quantize_report(r, o->output);
-      if (r.quantized_count == 0) {
-        std::fprintf(stderr,
-                     "moqe: warning: no tensor matched --include '%s'; the output is a copy\n",
-                     o->include.c_str());
+      if (!o->quiet) {
+        if (family) {
+          std::printf("family %s (from %s)\n", std::string(to_string(family->family)).c_str(),
+                      config.string().c_str());
+        }
+        print_quantize_report(r, o->output);
       }
       return 0;
     };
@@ -256,6 +345,8 @@ void add_dequantize(CLI::App& app, Action& action) {
   cmd->callback([&action, o] {
     action = [o] {
       const Checkpoint input(o->input);
+      check_output(o->output, {}, &input);
+      warn_ignored(input);
       Progress progress(!o->quiet);
       const ConvertReport r = dequantize_checkpoint(
           input, o->output, o->threads, [&progress](const ConvertProgress& p) { progress(p); });
@@ -274,37 +365,55 @@ void add_dequantize(CLI::App& app, Action& action) {
 
 void add_moe_forward(CLI::App& app, Action& action) {
   struct Opts {
-    std::string weights, prefix, family, config, input, output, device = "cpu";
-    std::string switch_dropped = "passthrough", numerics = "exact";
+    std::string weights, prefix, family = "auto", config, input, output, device = "cpu";
+    std::string switch_dropped = "zero", numerics = "exact", output_dtype = "same";
     int threads = 0;
+    int64_t chunk = 4096;
+    bool override_family = false, allow_unused = false;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("moe-forward", "Run one MoE layer of a checkpoint on x");
-  cmd->add_option("--weights", o->weights, "checkpoint file, index json or directory")->required();
-  cmd->add_option("--prefix", o->prefix, "the layer's tensor prefix, e.g. model.layers.0.mlp")
+  cmd->add_option("--weights", o->weights,
+                  "checkpoint: a .safetensors file, an index json, or a directory holding "
+                  "model.safetensors or model.safetensors.index.json")
       ->required();
-  cmd->add_option("--family", o->family, supported_families())->required();
+  cmd->add_option("--prefix", o->prefix,
+                  "the layer's tensor prefix, e.g. model.layers.0.mlp (docs/families.md lists "
+                  "each family's)")
+      ->required();
+  cmd->add_option("--family", o->family,
+                  "auto (from config.json's model_type) or one of: " + supported_families())
+      ->capture_default_str();
+  cmd->add_flag("--family-override", o->override_family,
+                "run --family even though config.json's model_type names another family "
+                "(custom models)");
   cmd->add_option("--config", o->config, "config.json (default: beside the weights)");
-  cmd->add_option("--input", o->input, "safetensors file with tensor x [T, H] (F32)")->required();
+  cmd->add_option("--input", o->input, "safetensors file with tensor x [T, H] (F32, F16 or BF16)")
+      ->required();
   cmd->add_option("--output", o->output, "safetensors file for y, topk_ids, topk_weights")
       ->required();
+  cmd->add_option("--output-dtype", o->output_dtype, "y's dtype: same (as x), f32, f16 or bf16")
+      ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--chunk-tokens", o->chunk,
+                  "tokens per step on the CPU (bounds the workspace; routers with capacity limits "
+                  "take all tokens at once)")
+      ->capture_default_str();
   cmd->add_option("--numerics", o->numerics,
                   "cpu, quantized experts: exact (fp32 activations) or fast (activations "
                   "quantized to int8 per 32-block; ~0.5% relative error, faster)")
       ->capture_default_str();
   cmd->add_option("--switch-dropped", o->switch_dropped,
-                  "switch: a token over capacity outputs p_max * x (passthrough; transformers 4) "
-                  "or 0 (zero; transformers 5)")
+                  "switch_transformers: a token over capacity outputs 0 (zero; transformers 5) or "
+                  "p_max * x (passthrough; transformers 4)")
       ->capture_default_str();
+  cmd->add_flag("--allow-unused-tensors", o->allow_unused,
+                "run even when tensors under the prefix are not part of the family's layer");
   cmd->callback([&action, o] {
     action = [o] {
       MOQE_CHECK(o->switch_dropped == "passthrough" || o->switch_dropped == "zero",
-                 "unknown --switch-dropped '{}'; use passthrough or zero", o->switch_dropped);
-      auto family = parse_family(o->family);
-      MOQE_CHECK(family.has_value(), "unknown --family '{}'; supported: {}", o->family,
-                 supported_families());
+                 "unknown --switch-dropped '{}'; use zero or passthrough", o->switch_dropped);
       MOQE_CHECK(o->device == "cpu" || o->device == "cuda",
                  "unknown --device '{}'; use cpu or cuda", o->device);
       MOQE_CHECK(o->numerics == "exact" || o->numerics == "fast",
@@ -312,45 +421,96 @@ void add_moe_forward(CLI::App& app, Action& action) {
       MOQE_CHECK(o->numerics == "exact" || o->device == "cpu",
                  "--numerics fast is a CPU option (the CUDA layer multiplies fp16/bf16 "
                  "activations); drop it for --device cuda");
+      MOQE_CHECK(o->output_dtype == "same" || parse_output_dtype(o->output_dtype).has_value(),
+                 "unknown --output-dtype '{}'; use same, f32, f16 or bf16", o->output_dtype);
+      MOQE_CHECK(o->chunk > 0, "--chunk-tokens {} must be positive", o->chunk);
 #ifndef MOQE_CLI_WITH_CUDA
       MOQE_CHECK(o->device == "cpu",
                  "--device cuda: this moqe was built without its CUDA component; use --device cpu");
 #endif
-      const std::filesystem::path config =
-          o->config.empty() ? default_config_path(o->weights) : std::filesystem::path(o->config);
-      const MoeConfig mc = read_moe_config(config, *family);
       const Checkpoint weights(o->weights);
+      check_output(o->output,
+                   {o->input, o->config.empty() ? default_config_path(o->weights)
+                                                : std::filesystem::path(o->config)},
+                   &weights);
+      const MoeConfig mc = config_for(o->weights, o->config, o->family, o->override_family);
+      warn_ignored(weights);
       const Checkpoint in(o->input);
-      auto read_x = [&](int64_t hidden) {
-        MOQE_CHECK(in.contains("x"), "{}: no tensor 'x' (expected F32 [tokens, {}])", o->input,
-                   hidden);
-        const TensorInfo& xi = in.info("x");
-        MOQE_CHECK(xi.dtype == DType::kF32 && xi.shape.size() == 2 && xi.shape[1] == hidden,
-                   "{}: tensor 'x' is {}, expected F32 [tokens, {}]", o->input, xi.describe(),
-                   hidden);
-        return std::make_pair(xi.shape[0], in.to_float("x"));
+      MOQE_CHECK(in.contains("x"),
+                 "{}: no tensor 'x' (expected [tokens, hidden] of F32, F16 or BF16)", o->input);
+      const TensorInfo& xi = in.info("x");
+      MOQE_CHECK((xi.dtype == DType::kF32 || xi.dtype == DType::kF16 || xi.dtype == DType::kBF16) &&
+                     xi.shape.size() == 2,
+                 "{}: tensor 'x' is {}, expected F32, F16 or BF16 [tokens, hidden]", o->input,
+                 xi.describe());
+      const DType out_dtype =
+          o->output_dtype == "same" ? xi.dtype : *parse_output_dtype(o->output_dtype);
+      const int64_t t = xi.shape[0];
+      int64_t h = 0;
+      const std::byte* x_bytes = in.bytes("x").data();
+      auto check_hidden = [&](int64_t hidden) {
+        h = hidden;
+        MOQE_CHECK(xi.shape[1] == h, "{}: tensor 'x' is {}, but the layer's hidden size is {}",
+                   o->input, xi.describe(), h);
       };
-      std::vector<float> y;
-      Routing r;
-      int64_t t = 0, h = 0;
+      // Rows [t0, t0 + n) of x as fp32.
+      auto x_rows = [&](int64_t t0, int64_t n, std::vector<float>& out) {
+        out.resize(static_cast<size_t>(n * h));
+        to_float(xi.dtype, x_bytes + static_cast<size_t>(t0 * h) * dtype_size(xi.dtype), out.size(),
+                 out.data());
+      };
+      std::vector<std::byte> y;
+      auto store_y = [&](int64_t t0, std::span<const float> v) {
+        std::byte* dst = y.data() + static_cast<size_t>(t0 * h) * dtype_size(out_dtype);
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (out_dtype == DType::kF32) {
+            std::memcpy(dst + 4 * i, &v[i], 4);
+          } else {
+            const uint16_t b =
+                out_dtype == DType::kF16 ? float_to_half_bits(v[i]) : float_to_bf16_bits(v[i]);
+            std::memcpy(dst + 2 * i, &b, 2);
+          }
+        }
+      };
+      std::vector<int32_t> ids;
+      std::vector<float> weights_out;
+      int64_t slots = 0;
       if (o->device == "cpu") {
-        const MoELayer layer =
-            load_moe_layer(weights, o->prefix, mc,
-                           {true, o->threads, o->switch_dropped == "passthrough",
-                            o->numerics == "fast" ? Numerics::kFast : Numerics::kExact});
-        h = layer.hidden();
-        const auto [tokens, x] = read_x(h);
-        t = tokens;
-        y.resize(static_cast<size_t>(t * h));
-        MoELayer::Workspace ws = layer.make_workspace(t);
-        layer.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y.data(), t, h), ws,
-                  {o->threads, {}, {}, 0, {}});
-        r = ws.routing;
+        LoadOptions lo;
+        lo.num_threads = o->threads;
+        lo.switch_passthrough = o->switch_dropped == "passthrough";
+        lo.numerics = o->numerics == "fast" ? Numerics::kFast : Numerics::kExact;
+        lo.allow_unused_tensors = o->allow_unused;
+        const MoELayer layer = load_moe_layer(weights, o->prefix, mc, lo);
+        check_hidden(layer.hidden());
+        y.resize(static_cast<size_t>(t * h) * dtype_size(out_dtype));
+        const RouterConfig& rc = layer.router().config();
+        // Capacity is counted over the whole input (one sequence): such routers see it at once.
+        const bool whole = (rc.kind == RouterKind::kSwitch && rc.expert_capacity > 0) ||
+                           rc.capacity_factor > 0 || rc.kind == RouterKind::kExpertChoice;
+        const int64_t all = std::max<int64_t>(t, 1);
+        const int64_t chunk = whole ? all : std::min(o->chunk, all);
+        slots = layer.router().slots_per_token();
+        ids.resize(static_cast<size_t>(t * slots));
+        weights_out.resize(ids.size());
+        MoELayer::Workspace ws = layer.make_workspace(chunk);
+        std::vector<float> xc, yc;
+        for (int64_t t0 = 0; t0 < t; t0 += chunk) {
+          const int64_t n = std::min(chunk, t - t0);
+          x_rows(t0, n, xc);
+          yc.resize(xc.size());
+          layer.run(MatrixView<const float>(xc.data(), n, h), MatrixView<float>(yc.data(), n, h),
+                    ws, {o->threads, {}, {}, 0, {}});
+          store_y(t0, yc);
+          std::copy_n(ws.routing.ids.begin(), n * slots, ids.begin() + t0 * slots);
+          std::copy_n(ws.routing.weights.begin(), n * slots, weights_out.begin() + t0 * slots);
+        }
       } else {
 #ifdef MOQE_CLI_WITH_CUDA
         MOQE_CHECK(cuda::device_count() > 0, "--device cuda: no CUDA device is available");
         cuda::DeviceLoadOptions dlo;
         dlo.switch_passthrough = o->switch_dropped == "passthrough";
+        dlo.allow_unused_tensors = o->allow_unused;
         const cuda::MoELayer layer = [&] {
           try {
             return cuda::MoELayer::load(weights, o->prefix, mc, dlo);
@@ -358,28 +518,45 @@ void add_moe_forward(CLI::App& app, Action& action) {
             MOQE_FAIL("--device cuda: {}", e.what());
           }
         }();
-        h = layer.hidden();
-        const auto [tokens, x] = read_x(h);
-        t = tokens;
-        y.resize(static_cast<size_t>(t * h));
+        check_hidden(layer.hidden());
+        y.resize(static_cast<size_t>(t * h) * dtype_size(out_dtype));
+        std::vector<float> x;
+        x_rows(0, t, x);
+        std::vector<float> yf(x.size());
         cuda::MoELayer::Workspace ws = layer.make_workspace(t);
-        const size_t bytes = std::max<size_t>(y.size(), 1) * sizeof(float);
+        const size_t bytes = std::max<size_t>(yf.size(), 1) * sizeof(float);
         cuda::DeviceBuffer dx(bytes), dy(bytes);
         if (t > 0) dx.upload(std::span<const float>(x));
         layer.run(dx.as<float>(), dy.as<float>(), t, ws);
+        Routing r;
         cuda::download(ws.routing, r);
-        if (t > 0) dy.download(std::span<float>(y));
+        if (t > 0) dy.download(std::span<float>(yf));
+        store_y(0, yf);
+        slots = r.slots;
+        ids = r.ids;
+        weights_out = r.weights;
 #endif
       }
       SafetensorsWriter w;
-      w.add_values<float>("y", DType::kF32, {t, h}, y);
-      w.add_values<int32_t>("topk_ids", DType::kI32, {t, r.slots}, r.ids);
-      w.add_values<float>("topk_weights", DType::kF32, {t, r.slots}, r.weights);
-      w.set_metadata("moqe.family", o->family);
+      w.add(std::string("y"), out_dtype, {t, h}, std::move(y));
+      w.add_values<int32_t>("topk_ids", DType::kI32, {t, slots}, ids);
+      w.add_values<float>("topk_weights", DType::kF32, {t, slots}, weights_out);
+      w.set_metadata("moqe.family", std::string(to_string(mc.family)));
       w.set_metadata("moqe.prefix", o->prefix);
       w.set_metadata("moqe.device", o->device);
       w.set_metadata("moqe.numerics", o->numerics);
       w.write(o->output);
+      return 0;
+    };
+  });
+}
+
+void add_families(CLI::App& app, Action& action) {
+  CLI::App* cmd = app.add_subcommand(
+      "families", "List the MoE families moqe loads (the table of docs/families.md)");
+  cmd->callback([&action] {
+    action = [] {
+      std::fputs(families_markdown().c_str(), stdout);
       return 0;
     };
   });

@@ -14,5 +14,6 @@ void add_inspect(CLI::App& app, Action& action);
 void add_quantize(CLI::App& app, Action& action);
 void add_dequantize(CLI::App& app, Action& action);
 void add_moe_forward(CLI::App& app, Action& action);
+void add_families(CLI::App& app, Action& action);
 
 }  // namespace moqe::cli

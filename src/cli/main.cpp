@@ -42,7 +42,8 @@ void install_signal_handlers() {
 int main(int argc, char** argv) {
   install_signal_handlers();
   CLI::App app{
-      "moqe: mixture-of-quantized-experts tools (inspect, quantize, dequantize, moe-forward)",
+      "moqe: mixture-of-quantized-experts tools (inspect, quantize, dequantize, moe-forward, "
+      "families)",
       "moqe"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moqe 0.1.0");
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
   moqe::cli::add_quantize(app, action);
   moqe::cli::add_dequantize(app, action);
   moqe::cli::add_moe_forward(app, action);
+  moqe::cli::add_families(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -79,14 +79,19 @@ std::vector<int64_t> layout_fingerprint(const ExpertPlacement& p, int64_t hidden
 ExpertParallelMoELayer::ExpertParallelMoELayer(
     std::shared_ptr<Communicator> comm, ExpertPlacement placement, Router router,
     std::vector<std::shared_ptr<const ExpertMLP>> local_experts, int64_t hidden,
-    std::vector<SharedExpert> shared, std::optional<ResidualMLP> residual)
+    std::vector<SharedExpert> shared, std::optional<ResidualMLP> residual,
+    std::vector<float> output_bias)
     : comm_(std::move(comm)),
       placement_(std::move(placement)),
       router_(std::move(router)),
       shared_(std::move(shared)),
       residual_(std::move(residual)),
+      output_bias_(std::move(output_bias)),
       hidden_(hidden) {
   MOQE_CHECK(comm_ != nullptr, "ExpertParallelMoELayer: no communicator");
+  MOQE_CHECK(output_bias_.empty() || static_cast<int64_t>(output_bias_.size()) == hidden_,
+             "ExpertParallelMoELayer: the output bias has {} values, expected {}",
+             output_bias_.size(), hidden_);
   MOQE_CHECK(comm_->size() == placement_.ranks(),
              "ExpertParallelMoELayer: the placement is for {} ranks, the {} communicator has {}",
              placement_.ranks(), comm_->backend(), comm_->size());
@@ -133,7 +138,7 @@ ExpertParallelMoELayer ExpertParallelMoELayer::from_layer(const MoELayer& layer,
   for (const int64_t e : placement.experts_of(comm->rank())) local.push_back(layer.experts()[e]);
   return ExpertParallelMoELayer(std::move(comm), std::move(placement), layer.router(),
                                 std::move(local), layer.hidden(), layer.shared_experts(),
-                                layer.residual());
+                                layer.residual(), layer.output_bias());
 }
 
 LayerStats ExpertParallelMoELayer::stats() const {
@@ -199,7 +204,7 @@ void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y,
     router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
     ws.plan.build(ws.routing, bucket_);
     rows = ws.plan.rows();
-    gather_rows(ws.plan, x, MatrixView<float>(ws.xe.data(), rows, h), threads);
+    gather_rows(ws.plan, x, MatrixView<float>(ws.xe.data(), rows, h), threads, weight_placement());
     int64_t b = 0;
     for (int p = 0; p < p_count; ++p) {
       const auto n_local = static_cast<int64_t>(placement_.experts_of(p).size());
@@ -294,8 +299,8 @@ void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y,
   // Results go back the way the rows came.
   comm_->all_to_all_rows(ws.xr.data(), ws.recv_rows, ws.ye.data(), ws.send_rows, h);
 
-  combine_rows(ws.plan, MatrixView<const float>(ye), y, threads);
-  detail::finish_layer(x, y, ws.routing, shared_, residual_, o.active,
+  combine_rows(ws.plan, MatrixView<const float>(ye), y, threads, weight_placement());
+  detail::finish_layer(x, y, ws.routing, shared_, residual_, output_bias_, o.active,
                        {ws.max_tokens, &ws.scratch, &ws.extra, &ws.active_tokens}, threads);
 
   // Statistics of the step.
@@ -337,16 +342,17 @@ ExpertParallelMoELayer load_expert_parallel_layer(const Checkpoint& ckpt, std::s
                                                   ExpertPlacement placement,
                                                   const LoadOptions& options) {
   MOQE_CHECK(comm != nullptr, "load_expert_parallel_layer: no communicator");
-  MOQE_CHECK(placement.num_experts() == config.num_experts,
+  MOQE_CHECK(placement.num_experts() == config.for_layer(prefix).num_experts(),
              "{}: the placement has {} experts, the config of '{}' {}", ckpt.path().string(),
-             placement.num_experts(), prefix, config.num_experts);
+             placement.num_experts(), prefix, config.for_layer(prefix).num_experts());
   MOQE_CHECK(comm->size() == placement.ranks(),
              "load_expert_parallel_layer: the placement is for {} ranks, the communicator has {}",
              placement.ranks(), comm->size());
   MoeLayerParts parts =
       load_moe_parts(ckpt, prefix, config, options, placement.experts_of(comm->rank()));
   return ExpertParallelMoELayer(std::move(comm), std::move(placement), std::move(parts.router),
-                                std::move(parts.experts), parts.hidden, std::move(parts.shared));
+                                std::move(parts.experts), parts.hidden, std::move(parts.shared),
+                                std::nullopt, std::move(parts.output_bias));
 }
 
 }  // namespace moqe

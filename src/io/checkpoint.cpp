@@ -16,6 +16,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr std::string_view kIndexName = "model.safetensors.index.json";
+constexpr std::string_view kSingleName = "model.safetensors";
 
 bool is_index_path(const fs::path& p) { return p.extension() == ".json"; }
 
@@ -69,21 +70,33 @@ Checkpoint::Checkpoint(const std::filesystem::path& path) : path_(path) {
 
   fs::path index;
   if (fs::is_directory(st)) {
+    std::vector<fs::path> found;
+    for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().extension() == ".safetensors" && it->is_regular_file()) {
+        found.push_back(it->path());
+      }
+    }
+    MOQE_CHECK(!ec, "{}: cannot list directory: {}", path.string(), ec.message());
+    std::sort(found.begin(), found.end());
     if (fs::exists(path / kIndexName, ec)) {
       index = path / kIndexName;
     } else {
-      std::vector<fs::path> found;
-      for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) {
-        if (it->path().extension() == ".safetensors" && it->is_regular_file()) {
-          found.push_back(it->path());
-        }
+      std::string names;
+      for (const fs::path& f : found) {
+        if (!names.empty()) names.append(", ");
+        names.append(f.filename().string());
       }
-      MOQE_CHECK(!ec, "{}: cannot list directory: {}", path.string(), ec.message());
-      MOQE_CHECK(!found.empty(), "no .safetensors file or {} in {}", kIndexName, path.string());
-      std::sort(found.begin(), found.end());
-      for (const fs::path& f : found) add_file(f);
+      MOQE_CHECK(fs::exists(path / kSingleName, ec),
+                 "{}: no {} or {} in the directory{}{}; name the file to read", path.string(),
+                 kSingleName, kIndexName, found.empty() ? "" : "; it holds ", names);
+      add_file(path / kSingleName);
+      for (const fs::path& f : found) {
+        if (f.filename() != kSingleName) ignored_.push_back(f);
+      }
       return;
     }
+    // Shards are added below; what the index does not name is ignored.
+    ignored_ = std::move(found);
   } else if (is_index_path(path)) {
     index = path;
   } else {
@@ -119,6 +132,12 @@ Checkpoint::Checkpoint(const std::filesystem::path& path) : path_(path) {
     }
     shard_file.emplace(shard, files_.size() - 1);
   }
+  std::erase_if(ignored_, [&](const fs::path& f) {
+    for (const auto& file : files_) {
+      if (fs::equivalent(file->path(), f, ec)) return true;
+    }
+    return false;
+  });
   for (const auto& [tensor, shard] : wm->items()) {
     const SafetensorsFile& f =
         *files_[shard_file.find(shard.get_ref<const std::string&>())->second];

@@ -54,7 +54,10 @@ void copy_metadata(const Checkpoint& input, SafetensorsWriter& writer, bool keep
 }  // namespace
 
 std::string_view default_include_regex() {
-  return R"((^|\.)experts\.(\d+|expert_\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj|wi|wo|wi_0|wi_1)\.weight$)";
+  return R"((^|\.)experts\.(\d+|expert_\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj|wi|wo)\.weight$)"
+         R"(|(^|\.)experts\.(gate_up_proj|down_proj)$)"
+         R"(|(^|\.)(block_sparse_moe|mlp)\.(input_linear|output_linear)\.weight$)"
+         R"(|(^|\.)experts\.mlp\.(w1|v1|w2)$)";
 }
 
 ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
@@ -73,11 +76,31 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
   auto wanted = [&](const std::string& name) {
     return std::regex_search(name, include) && !(has_exclude && std::regex_search(name, exclude));
   };
-  // A 2-D float weight (fp8 block-scaled ones included) that is not part of a quantized weight.
+  // Fused expert tensors: 3-D ones, and DBRX's 2-D stacks, which only their names tell apart.
+  static const std::regex dbrx_stack(R"((^|\.)experts\.mlp\.(w1|v1|w2)$)");
+  auto stack_of = [&](const std::string& name) -> std::optional<ExpertStack> {
+    const TensorInfo& t = input.info(name);
+    if (!dtype_is_float(t.dtype)) return std::nullopt;
+    const bool fused =
+        t.shape.size() == 3 || (t.shape.size() == 2 && std::regex_search(name, dbrx_stack));
+    if (!fused) return std::nullopt;
+    std::optional<ExpertStack> s = o.expert_stack ? o.expert_stack(name, t.shape) : std::nullopt;
+    MOQE_CHECK(s.has_value(),
+               "{}: tensor '{}' {} holds several experts' weights in a layout that depends on "
+               "the model family, and {} (put the model's config.json beside the weights, or "
+               "--exclude the tensor)",
+               input.path().string(), name, t.describe(),
+               o.expert_stack ? "its family does not store experts this way"
+                              : "no config.json names the family");
+    return s;
+  };
+  // A 2-D float weight (fp8 block-scaled ones included) that is not part of a quantized weight,
+  // or a fused expert tensor.
   auto quantizable = [&](const std::string& name) {
     const TensorInfo& t = input.info(name);
-    return t.shape.size() == 2 && t.shape[1] > 0 && dtype_is_float(t.dtype) &&
-           !is_companion_tensor(input, name);
+    if (is_companion_tensor(input, name) || !dtype_is_float(t.dtype)) return false;
+    if (stack_of(name)) return true;
+    return t.shape.size() == 2 && t.shape[1] > 0;
   };
   const std::vector<std::string> names = input.tensor_names();
   for (size_t i = 0; i < names.size(); ++i) {
@@ -99,7 +122,43 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
     if (wanted(name) && !quantize_it && !is_companion_tensor(input, name)) {
       r.note = t.shape.size() != 2 ? "not 2-D: copied" : "not a float matrix: copied";
     }
-    if (quantize_it) {
+    const std::optional<ExpertStack> stack = quantize_it ? stack_of(name) : std::nullopt;
+    if (stack) {
+      MOQE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16,
+                 "{}: fused expert tensor '{}' is {}; F32, F16 or BF16 expected",
+                 input.path().string(), name, t.describe());
+      std::vector<QuantizedMatrix> experts;
+      double err2 = 0, ref2 = 0, max_abs = 0;
+      for (int64_t e = 0; e < stack->experts; ++e) {
+        const DenseWeight w = load_expert_f32(input, name, *stack, e);
+        const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
+        const std::string what = fmt::format("{} (expert {})", name, e);
+        const QuantizeOptions qo{o.num_threads, what};
+        // Every expert of a fused tensor shares one scheme (one group size), so the adaptive
+        // policy keeps its per-channel start here: the group size must be the same for all.
+        QuantizedMatrix q = quantize(view, scheme_for(o, what, w.cols), qo);
+        const ErrorStats es = quantization_error(view, q, o.num_threads);
+        double n2 = 0;
+        for (const float v : w.values) n2 += double(v) * v;
+        ref2 += n2;
+        err2 += es.rel_frobenius * es.rel_frobenius * n2;
+        max_abs = std::max(max_abs, es.max_abs);
+        experts.push_back(std::move(q));
+      }
+      r.quantized = true;
+      r.scheme = experts[0].scheme();
+      r.group_size = experts[0].group_size();
+      r.error.rel_frobenius = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
+      r.error.max_abs = max_abs;
+      r.error.sqnr_db = err2 > 0 ? 10 * std::log10(ref2 / err2) : INFINITY;
+      for (const QuantizedMatrix& q : experts) r.bytes_out += q.storage_bytes();
+      r.bits_per_weight = 8.0 * static_cast<double>(r.bytes_out) / static_cast<double>(t.numel());
+      r.note = fmt::format("{} experts{}", stack->experts, stack->transposed ? ", transposed" : "");
+      add_quantized_experts(writer, name, experts, *stack, t.shape);
+      report.quantized_count++;
+      report.quantized_bytes_in += r.bytes_in;
+      report.quantized_bytes_out += r.bytes_out;
+    } else if (quantize_it) {
       const DenseWeight w = load_weight_f32(input, name, o.num_threads);
       const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
       const QuantizeOptions qo{o.num_threads, name};
@@ -131,6 +190,12 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
     report.bytes_out += r.bytes_out;
     report.tensors.push_back(std::move(r));
   }
+  MOQE_CHECK(report.quantized_count > 0,
+             "{}: no tensor matched --include '{}'{} (nothing to quantize; {} tensors in the "
+             "input)",
+             input.path().string(), o.include_regex,
+             has_exclude ? fmt::format(" and not --exclude '{}'", o.exclude_regex) : std::string(),
+             names.size());
   if (progress) progress({names.size(), names.size(), "writing " + output.string()});
   writer.write(output);
   report.seconds = seconds_since(t0);
@@ -152,16 +217,20 @@ ConvertReport dequantize_checkpoint(const Checkpoint& input, const std::filesyst
     TensorReport r;
     r.name = name;
     if (is_quantized(input, name)) {
-      const QuantizedMatrix q = load_quantized(input, name);
-      std::vector<float> values = dequantize(q, num_threads);
+      const StoredScheme s = stored_scheme(input, name);
+      DenseTensor d = load_tensor_f32(input, name, num_threads);
       r.quantized = true;
-      r.scheme = q.scheme();
-      r.group_size = q.group_size();
-      r.shape = {q.rows(), q.cols()};
-      r.bytes_in = q.storage_bytes();
-      r.bytes_out = q.numel() * 4;
+      r.scheme = s.scheme;
+      r.group_size = s.scheme.resolved_group_size(s.cols);
+      r.shape = d.shape;
+      for (const char* part : {".qweight", ".scales", ".zeros"}) {
+        if (input.contains(name + part)) {
+          r.bytes_in += static_cast<int64_t>(input.info(name + part).nbytes());
+        }
+      }
+      r.bytes_out = static_cast<int64_t>(d.values.size()) * 4;
       r.input_dtype = "moqe";
-      writer.add_values<float>(name, DType::kF32, r.shape, values);
+      writer.add_values<float>(name, DType::kF32, r.shape, std::span<const float>(d.values));
       report.quantized_count++;
     } else if (is_companion_tensor(input, name) && !name.ends_with("_scale_inv")) {
       continue;  // folded into its weight above

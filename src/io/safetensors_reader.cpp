@@ -170,6 +170,17 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
 
   // The destructor does not run when the constructor throws.
   try {
+    // Other formats users bring, named rather than reported as a bad safetensors header.
+    const std::string_view magic(reinterpret_cast<const char*>(map_), 4);
+    MOQE_CHECK(magic != "GGUF",
+               "{}: a GGUF file (llama.cpp's format), not safetensors; moqe reads safetensors "
+               "checkpoints (the original Hugging Face weights, or `moqe quantize` output)",
+               where);
+    MOQE_CHECK(magic != std::string_view("PK\x03\x04", 4),
+               "{}: a zip archive (PyTorch's torch.save / pytorch_model.bin format), not "
+               "safetensors; convert it with safetensors' save_file or use the model's "
+               ".safetensors files",
+               where);
     uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | std::to_integer<uint64_t>(map_[i]);
     MOQE_CHECK(n <= kMaxHeaderBytes, "{}: header length {} exceeds the limit of {} bytes", where, n,

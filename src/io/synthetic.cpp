@@ -45,7 +45,9 @@ std::vector<float> synthetic_weights(int64_t n, int64_t k, uint32_t seed, double
 
 std::string synthetic_moe_prefix(const SyntheticMoeSpec& s, int64_t layer) {
   if (s.family == "mixtral") return fmt::format("model.layers.{}.block_sparse_moe", layer);
-  if (s.family == "switch") return fmt::format("encoder.block.{}.layer.1.mlp", 2 * layer + 1);
+  if (s.family == "switch" || s.family == "switch_transformers") {
+    return fmt::format("encoder.block.{}.layer.1.mlp", 2 * layer + 1);
+  }
   return fmt::format("model.layers.{}.mlp", layer);
 }
 
@@ -53,7 +55,8 @@ std::vector<std::filesystem::path> write_synthetic_moe(const std::filesystem::pa
                                                        const SyntheticMoeSpec& s) {
   const std::string& f = s.family;
   const bool mixtral = f == "mixtral", qwen2 = f == "qwen2_moe",
-             deepseek = f.starts_with("deepseek_"), v3 = f == "deepseek_v3", sw = f == "switch";
+             deepseek = f.starts_with("deepseek_"), v3 = f == "deepseek_v3",
+             sw = f == "switch" || f == "switch_transformers";
   MOQE_CHECK(mixtral || qwen2 || f == "qwen3_moe" || f == "olmoe" ||
                  (deepseek && (v3 || f == "deepseek_v2")) || sw,
              "write_synthetic_moe: unknown family '{}'", f);

@@ -56,20 +56,29 @@ void DispatchPlan::build(const Routing& r, std::span<const int32_t> bucket) {
 }
 
 void gather_rows(const DispatchPlan& plan, MatrixView<const float> x, MatrixView<float> xe,
-                 int num_threads) {
+                 int num_threads, WeightPlacement placement) {
   MOQE_CHECK(xe.rows() >= plan.rows() && xe.cols() == x.cols() && x.rows() == plan.tokens(),
              "gather_rows: x {} and buffer {} do not fit a plan of {} tokens and {} rows",
              shape_string(x), shape_string(xe), plan.tokens(), plan.rows());
   const auto tok = plan.row_token();
+  const auto weight = plan.row_weight();
+  const bool scale = placement == WeightPlacement::kInput;
   parallel_for(plan.rows(), num_threads, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      std::memcpy(xe.row(r), x.row(tok[r]), sizeof(float) * static_cast<size_t>(x.cols()));
+      if (scale) {
+        const float w = weight[r];
+        const float* src = x.row(tok[r]);
+        float* dst = xe.row(r);
+        for (int64_t c = 0; c < x.cols(); ++c) dst[c] = src[c] * w;
+      } else {
+        std::memcpy(xe.row(r), x.row(tok[r]), sizeof(float) * static_cast<size_t>(x.cols()));
+      }
     }
   });
 }
 
 void combine_rows(const DispatchPlan& plan, MatrixView<const float> ye, MatrixView<float> y,
-                  int num_threads) {
+                  int num_threads, WeightPlacement placement) {
   MOQE_CHECK(ye.rows() >= plan.rows() && ye.cols() == y.cols() && y.rows() == plan.tokens(),
              "combine_rows: expert outputs {} and y {} do not fit a plan of {} tokens and {} rows",
              shape_string(ye), shape_string(y), plan.tokens(), plan.rows());
@@ -83,9 +92,13 @@ void combine_rows(const DispatchPlan& plan, MatrixView<const float> ye, MatrixVi
       for (int64_t j = 0; j < slots; ++j) {
         const int64_t row = slot_row[t * slots + j];
         if (row < 0) continue;
-        const float w = weight[row];
         const float* src = ye.row(row);
-        for (int64_t c = 0; c < h; ++c) out[c] += w * src[c];
+        if (placement == WeightPlacement::kInput) {
+          for (int64_t c = 0; c < h; ++c) out[c] += src[c];
+        } else {
+          const float w = weight[row];
+          for (int64_t c = 0; c < h; ++c) out[c] += w * src[c];
+        }
       }
     }
   });

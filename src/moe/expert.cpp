@@ -28,8 +28,43 @@ std::optional<Activation> parse_activation(std::string_view n) {
   return std::nullopt;
 }
 
+void ExpertMLP::set_biases(MlpBiases b) {
+  const int64_t i = intermediate(), h = hidden();
+  auto check = [&](const std::vector<float>& v, int64_t n, const char* what) {
+    MOQE_CHECK(v.empty() || static_cast<int64_t>(v.size()) == n,
+               "ExpertMLP: the {} bias has {} values, expected {}", what, v.size(), n);
+  };
+  if (kind_ == MlpKind::kGlu) {
+    check(b.gate, i, "gate");
+    check(b.up, i, "up");
+    MOQE_CHECK(b.gate.empty() == b.up.empty(),
+               "ExpertMLP: a gate bias without an up bias or the reverse");
+    if (!b.gate.empty()) {
+      first_bias_ = std::move(b.gate);
+      first_bias_.insert(first_bias_.end(), b.up.begin(), b.up.end());
+    }
+  } else {
+    MOQE_CHECK(b.gate.empty(), "ExpertMLP: an mlp has no gate to bias");
+    check(b.up, i, "up");
+    first_bias_ = std::move(b.up);
+  }
+  check(b.down, h, "down");
+  down_bias_ = std::move(b.down);
+}
+
+ExpertMLP ExpertMLP::clamped_glu(QuantizedLinear gate, QuantizedLinear up, QuantizedLinear down,
+                                 ClampedSwiglu swiglu, bool fuse, MlpBiases biases) {
+  MOQE_CHECK(swiglu.limit >= 0 && std::isfinite(swiglu.alpha),
+             "ExpertMLP: clamped SwiGLU limit {} must be >= 0 and alpha {} finite", swiglu.limit,
+             swiglu.alpha);
+  ExpertMLP m = glu(std::move(gate), std::move(up), std::move(down), Activation::kSilu, fuse,
+                    std::move(biases));
+  m.swiglu_ = swiglu;
+  return m;
+}
+
 ExpertMLP ExpertMLP::glu(QuantizedLinear gate, QuantizedLinear up, QuantizedLinear down,
-                         Activation act, bool fuse) {
+                         Activation act, bool fuse, MlpBiases biases) {
   MOQE_CHECK(gate.out_features() == up.out_features() && gate.in_features() == up.in_features() &&
                  down.in_features() == gate.out_features() &&
                  down.out_features() == gate.in_features(),
@@ -47,10 +82,12 @@ ExpertMLP ExpertMLP::glu(QuantizedLinear gate, QuantizedLinear up, QuantizedLine
     m.up_ = std::move(up);
   }
   m.down_ = std::move(down);
+  m.set_biases(std::move(biases));
   return m;
 }
 
-ExpertMLP ExpertMLP::mlp(QuantizedLinear up, QuantizedLinear down, Activation act) {
+ExpertMLP ExpertMLP::mlp(QuantizedLinear up, QuantizedLinear down, Activation act,
+                         MlpBiases biases) {
   MOQE_CHECK(down.in_features() == up.out_features() && down.out_features() == up.in_features(),
              "ExpertMLP: up [{}, {}] and down [{}, {}] do not form an MLP", up.out_features(),
              up.in_features(), down.out_features(), down.in_features());
@@ -59,6 +96,7 @@ ExpertMLP ExpertMLP::mlp(QuantizedLinear up, QuantizedLinear down, Activation ac
   m.act_ = act;
   m.up_ = std::move(up);
   m.down_ = std::move(down);
+  m.set_biases(std::move(biases));
   return m;
 }
 
@@ -77,13 +115,30 @@ std::string ExpertMLP::describe() const {
 
 void ExpertMLP::activate_columns(MatrixView<float> h, int64_t c0, int64_t c1) const {
   const int64_t i = intermediate();
+  const float* b = first_bias_.empty() ? nullptr : first_bias_.data();
   for (int64_t r = 0; r < h.rows(); ++r) {
     float* row = h.row(r);
-    if (kind_ == MlpKind::kGlu) {
+    if (b != nullptr) {
+      for (int64_t c = c0; c < c1; ++c) row[c] += b[c];
+      if (kind_ == MlpKind::kGlu) {
+        for (int64_t c = c0; c < c1; ++c) row[i + c] += b[i + c];
+      }
+    }
+    if (kind_ == MlpKind::kGlu && swiglu_) {
+      for (int64_t c = c0; c < c1; ++c) row[c] = moqe::clamped_swiglu(*swiglu_, row[c], row[i + c]);
+    } else if (kind_ == MlpKind::kGlu) {
       for (int64_t c = c0; c < c1; ++c) row[c] = activate(act_, row[c]) * row[i + c];
     } else {
       for (int64_t c = c0; c < c1; ++c) row[c] = activate(act_, row[c]);
     }
+  }
+}
+
+void ExpertMLP::add_down_bias(MatrixView<float> y, int64_t c0, int64_t c1) const {
+  if (down_bias_.empty()) return;
+  for (int64_t r = 0; r < y.rows(); ++r) {
+    float* row = y.row(r);
+    for (int64_t c = c0; c < c1; ++c) row[c] += down_bias_[c];
   }
 }
 
@@ -104,18 +159,13 @@ void ExpertMLP::forward(MatrixView<const float> x, MatrixView<float> y, float* s
       gate_.forward(x, h.block(0, 0, m, i), num_threads);
       up_.forward(x, h.block(0, i, m, i), num_threads);
     }
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = h.row(r);
-      for (int64_t c = 0; c < i; ++c) row[c] = activate(act_, row[c]) * row[i + c];
-    }
+    activate_columns(h, 0, i);
   } else {
     up_.forward(x, a, num_threads);
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = a.row(r);
-      for (int64_t c = 0; c < i; ++c) row[c] = activate(act_, row[c]);
-    }
+    activate_columns(a, 0, i);
   }
   down_.forward(MatrixView<const float>(a), y, num_threads);
+  add_down_bias(y, 0, hidden());
 }
 
 }  // namespace moqe

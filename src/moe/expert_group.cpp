@@ -138,8 +138,9 @@ void ExpertGroup::run_grouped(std::span<const int64_t> offsets, MatrixView<const
     for (int64_t t = t0; t < t1; ++t) {
       const Workspace::Task& task = ws.tasks[t];
       const int64_t e = task.expert;
-      experts_[e]->down().forward_rows(a_view(e), ws.down_scratch[e],
-                                       ye.block(offsets[e], 0, rows_of(e), h), task.r0, task.r1);
+      const MatrixView<float> out = ye.block(offsets[e], 0, rows_of(e), h);
+      experts_[e]->down().forward_rows(a_view(e), ws.down_scratch[e], out, task.r0, task.r1);
+      experts_[e]->add_down_bias(out, task.r0, task.r1);
     }
   });
 }

@@ -1,6 +1,6 @@
 // The parts of an MoE layer after the routed experts, shared by MoELayer and the expert-parallel
-// layer (which keeps them replicated on every rank): Switch pass-through tokens, shared experts
-// and the PR-MoE residual MLP.
+// layer (which keeps them replicated on every rank): Switch pass-through tokens, the output bias,
+// shared experts and the PR-MoE residual MLP.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +36,7 @@ void reserve_layer_tail(bool has_tail, int64_t max_tokens, int64_t hidden, int64
 // y holds the combined routed experts' outputs for x; adds the rest of the layer.
 void finish_layer(MatrixView<const float> x, MatrixView<float> y, const Routing& routing,
                   std::span<const SharedExpert> shared, const std::optional<ResidualMLP>& residual,
-                  std::span<const uint8_t> active, const LayerTailBuffers& buffers,
-                  int num_threads);
+                  std::span<const float> output_bias, std::span<const uint8_t> active,
+                  const LayerTailBuffers& buffers, int num_threads);
 
 }  // namespace moqe::detail

@@ -1,25 +1,76 @@
+// Loading an MoE layer of any family of the table (moe/family.hpp) from a checkpoint: the layer's
+// tensor names are planned from the family first, every tensor under the prefix must be one of
+// them (docs/families.md), then the router, the experts in the family's layout (per-expert or
+// fused, original or moqe-quantized), the shared expert and the biases are read.
 #include "moqe/moe/loader.hpp"
 
-#include <nlohmann/json.hpp>
-
-#include <cmath>
+#include <algorithm>
 #include <cstring>
-#include <fstream>
-#include <limits>
+#include <set>
+#include <type_traits>
 
-#include "../io/json_text.hpp"
 #include "moqe/core/error.hpp"
 #include "moqe/io/quantized_format.hpp"
 
 namespace moqe {
 namespace {
 
-constexpr Family kFamilies[] = {Family::kMixtral, Family::kQwen2Moe,   Family::kQwen3Moe,
-                                Family::kOlmoe,   Family::kDeepSeekV2, Family::kDeepSeekV3,
-                                Family::kSwitch};
+// Rows first, first + step, ... (count) of a matrix.
+struct RowPick {
+  int64_t first = 0, count = 0, step = 1;
+};
 
 std::string join(std::string_view prefix, std::string_view rest) {
+  // "../x" names a sibling of the layer's module.
+  while (rest.starts_with("../")) {
+    const size_t dot = prefix.rfind('.');
+    prefix = dot == std::string_view::npos ? std::string_view() : prefix.substr(0, dot);
+    rest.remove_prefix(3);
+  }
   return prefix.empty() ? std::string(rest) : std::string(prefix) + "." + std::string(rest);
+}
+
+bool has_weight(const Checkpoint& ckpt, const std::string& name) {
+  return is_quantized(ckpt, name) || ckpt.contains(name);
+}
+
+// Other tools' quantized tensors under a module (GPTQ/AWQ qweight, compressed-tensors
+// weight_packed, bitsandbytes absmax): a hint for errors, "" when there are none.
+std::string foreign_quantization(const Checkpoint& ckpt, std::string_view prefix) {
+  const std::string p = std::string(prefix) + ".";
+  for (const std::string& n : ckpt.tensor_names()) {
+    if (!n.starts_with(p) || is_companion_tensor(ckpt, n)) continue;
+    if (n.ends_with(".qweight") || n.ends_with(".qzeros") || n.ends_with(".g_idx")) {
+      return fmt::format(
+          " ('{}' is a GPTQ or AWQ tensor: moqe reads moqe-quantized, F32, F16 and BF16 weights; "
+          "quantize the original checkpoint with `moqe quantize`)",
+          n);
+    }
+    if (n.ends_with(".weight_packed") || n.ends_with(".weight_scale")) {
+      return fmt::format(
+          " ('{}' is a compressed-tensors (llm-compressor) tensor: moqe reads moqe-quantized, "
+          "F32, F16 and BF16 weights; quantize the original checkpoint with `moqe quantize`)",
+          n);
+    }
+    if (n.ends_with("_blocks") || n.ends_with(".absmax")) {
+      return fmt::format(
+          " ('{}' is an MXFP4 or bitsandbytes tensor: moqe reads moqe-quantized, F32, F16 and "
+          "BF16 weights)",
+          n);
+    }
+  }
+  return {};
+}
+
+// The shape of a weight in any storage; an error naming it (and what the module holds instead)
+// when it is absent.
+std::vector<int64_t> shape_of(const Checkpoint& ckpt, const std::string& name,
+                              std::string_view module) {
+  if (!has_weight(ckpt, name)) {
+    MOQE_FAIL("{}: missing tensor '{}'{}", ckpt.path().string(), name,
+              foreign_quantization(ckpt, module));
+  }
+  return weight_shape(ckpt, name);
 }
 
 // A dense or quantized 2-D weight with its expected shape checked.
@@ -27,6 +78,9 @@ QuantizedLinear load_linear(const Checkpoint& ckpt, const std::string& name, int
                             Numerics numerics) {
   const std::string where = ckpt.path().string();
   if (is_quantized(ckpt, name)) {
+    MOQE_CHECK(stored_scheme(ckpt, name).stack.experts == 0,
+               "{}: tensor '{}' is a quantized fused expert tensor; one matrix [{}, {}] expected",
+               where, name, n, k);
     QuantizedMatrix q = load_quantized(ckpt, name);
     MOQE_CHECK(q.rows() == n && q.cols() == k,
                "{}: tensor '{}' has shape [{}, {}], expected [{}, {}]", where, name, q.rows(),
@@ -49,377 +103,585 @@ QuantizedLinear load_linear(const Checkpoint& ckpt, const std::string& name, int
   return QuantizedLinear::from_f32(std::move(w.values), n, k);
 }
 
-bool has_weight(const Checkpoint& ckpt, const std::string& name) {
-  return is_quantized(ckpt, name) || ckpt.contains(name);
-}
-
-// Shape of a 2-D weight (quantized or not) or an error naming it.
-std::vector<int64_t> shape_of(const Checkpoint& ckpt, const std::string& name) {
-  MOQE_CHECK(has_weight(ckpt, name), "{}: missing tensor '{}'", ckpt.path().string(), name);
-  return weight_shape(ckpt, name);
-}
-
-// Slice e of a 3-D fused tensor [E, R, C] as a linear of `rows` rows starting at `row0`.
-QuantizedLinear slice_fused(const Checkpoint& ckpt, const std::string& name, int64_t e,
-                            int64_t row0, int64_t rows) {
-  const TensorInfo& t = ckpt.info(name);
-  const int64_t r = t.shape[1], c = t.shape[2];
-  const size_t es = dtype_size(t.dtype);
-  const auto bytes = ckpt.bytes(name).subspan(static_cast<size_t>((e * r + row0) * c) * es,
-                                              static_cast<size_t>(rows * c) * es);
-  if (t.dtype == DType::kF16 || t.dtype == DType::kBF16) {
-    std::vector<uint16_t> bits(static_cast<size_t>(rows * c));
-    std::memcpy(bits.data(), bytes.data(), bytes.size());
-    return QuantizedLinear::from_half(std::move(bits), t.dtype, rows, c);
+// Selected rows of expert e's matrix W_e [n, k] in a moqe-quantized fused tensor.
+QuantizedMatrix quantized_expert_rows(const Checkpoint& ckpt, const std::string& name,
+                                      const ExpertStack& stack, int64_t e, int64_t n, int64_t k,
+                                      RowPick pick) {
+  const std::string where = ckpt.path().string();
+  {
+    const StoredScheme s = stored_scheme(ckpt, name);
+    QuantizedMatrix w;
+    if (s.stack.experts > 0) {
+      MOQE_CHECK(s.stack.experts == stack.experts && s.stack.transposed == stack.transposed,
+                 "{}: tensor '{}' was quantized as {} experts{} but this family stores {} "
+                 "experts{}",
+                 where, name, s.stack.experts, s.stack.transposed ? " (transposed)" : "",
+                 stack.experts, stack.transposed ? " (transposed)" : "");
+      w = load_quantized_expert(ckpt, name, e);
+    } else {
+      // A stack of untransposed row blocks quantized as one matrix (DBRX's w1 and v1): the rows
+      // of expert e are a block of it.
+      MOQE_CHECK(!stack.transposed,
+                 "{}: tensor '{}' was quantized as one matrix, but it holds {} experts' "
+                 "transposed matrices; quantize the checkpoint with its config.json beside it",
+                 where, name, stack.experts);
+      const QuantizedMatrix all = load_quantized(ckpt, name);
+      MOQE_CHECK(all.rows() == stack.experts * n && all.cols() == k,
+                 "{}: tensor '{}' has shape [{}, {}], expected [{} * {}, {}]", where, name,
+                 all.rows(), all.cols(), stack.experts, n, k);
+      w = all.take_rows(e * n, n, 1, name);
+    }
+    MOQE_CHECK(w.rows() == n && w.cols() == k,
+               "{}: expert {} of '{}' has shape [{}, {}], expected [{}, {}]", where, e, name,
+               w.rows(), w.cols(), n, k);
+    return w.take_rows(pick.first, pick.count, pick.step, name);
   }
-  MOQE_CHECK(t.dtype == DType::kF32,
-             "{}: fused expert tensor '{}' is {}; F32, F16 or BF16 expected", ckpt.path().string(),
-             name, dtype_name(t.dtype));
-  std::vector<float> v(static_cast<size_t>(rows * c));
-  std::memcpy(v.data(), bytes.data(), bytes.size());
-  return QuantizedLinear::from_f32(std::move(v), rows, c);
+}
+
+// Selected rows of expert e's matrix W_e [n, k] in a fused tensor (dense or moqe-quantized).
+QuantizedLinear load_expert_rows(const Checkpoint& ckpt, const std::string& name,
+                                 const ExpertStack& stack, int64_t e, int64_t n, int64_t k,
+                                 RowPick pick, Numerics numerics) {
+  const std::string where = ckpt.path().string();
+  if (is_quantized(ckpt, name)) {
+    return QuantizedLinear::from_quantized(quantized_expert_rows(ckpt, name, stack, e, n, k, pick),
+                                           numerics);
+  }
+  const TensorInfo& t = ckpt.info(name);
+  MOQE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16,
+             "{}: fused expert tensor '{}' is {}; F32, F16 or BF16 expected", where, name,
+             dtype_name(t.dtype));
+  // Element (r, c) of W_e sits at block (r, c), or (c, r) when the stack is transposed.
+  const int64_t a = stack.transposed ? k : n, b = stack.transposed ? n : k;
+  const size_t es = dtype_size(t.dtype);
+  const std::byte* block = ckpt.bytes(name).data() + static_cast<size_t>(e * a * b) * es;
+  auto gather = [&](auto* out) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    for (int64_t i = 0; i < pick.count; ++i) {
+      const int64_t r = pick.first + i * pick.step;
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t at = stack.transposed ? c * b + r : r * b + c;
+        std::memcpy(out + i * k + c, block + static_cast<size_t>(at) * es, sizeof(T));
+      }
+    }
+  };
+  if (t.dtype == DType::kF32) {
+    std::vector<float> v(static_cast<size_t>(pick.count * k));
+    gather(v.data());
+    return QuantizedLinear::from_f32(std::move(v), pick.count, k);
+  }
+  std::vector<uint16_t> v(static_cast<size_t>(pick.count * k));
+  gather(v.data());
+  return QuantizedLinear::from_half(std::move(v), t.dtype, pick.count, k);
 }
 
 std::vector<float> load_vector(const Checkpoint& ckpt, const std::string& name, int64_t n) {
-  MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}' (expected [{}])", ckpt.path().string(),
-             name, n);
+  MOQE_CHECK(ckpt.contains(name), "{}: missing tensor '{}' (expected {} values)",
+             ckpt.path().string(), name, n);
   const TensorInfo& t = ckpt.info(name);
-  int64_t numel = 1;
-  for (int64_t d : t.shape) numel *= d;
-  MOQE_CHECK(numel == n, "{}: tensor '{}' has shape {}, expected {} values", ckpt.path().string(),
-             name, shape_to_string(t.shape), n);
+  MOQE_CHECK(t.numel() == n, "{}: tensor '{}' has shape {}, expected {} values",
+             ckpt.path().string(), name, shape_to_string(t.shape), n);
   return ckpt.to_float(name);
 }
 
-}  // namespace
-
-std::string_view to_string(Family f) {
-  switch (f) {
-    case Family::kMixtral:
-      return "mixtral";
-    case Family::kQwen2Moe:
-      return "qwen2_moe";
-    case Family::kQwen3Moe:
-      return "qwen3_moe";
-    case Family::kOlmoe:
-      return "olmoe";
-    case Family::kDeepSeekV2:
-      return "deepseek_v2";
-    case Family::kDeepSeekV3:
-      return "deepseek_v3";
-    case Family::kSwitch:
-      return "switch";
-  }
-  return "?";
-}
-
-std::optional<Family> parse_family(std::string_view s) {
-  for (Family f : kFamilies) {
-    if (to_string(f) == s) return f;
-  }
-  return std::nullopt;
-}
-
-std::string supported_families() {
-  std::string out;
-  for (Family f : kFamilies) out += (out.empty() ? "" : ", ") + std::string(to_string(f));
+// Expert e's values of a bias stacked as [E, m], at positions first, first + step, ...
+std::vector<float> stacked_bias(const std::vector<float>& all, int64_t e, int64_t m, RowPick pick) {
+  std::vector<float> out(static_cast<size_t>(pick.count));
+  for (int64_t i = 0; i < pick.count; ++i) out[i] = all[e * m + pick.first + i * pick.step];
   return out;
 }
+
+// Where one projection's matrix comes from: rows `pick` of a plain 2-D tensor [n, k], or of
+// expert `expert`'s matrix W_e [n, k] in a fused tensor.
+struct MatrixSource {
+  std::string tensor;
+  std::optional<ExpertStack> stack;
+  int64_t expert = 0;
+  int64_t n = 0, k = 0;
+  RowPick pick;
+};
+
+// One expert (routed or shared): its projections, biases and GLU product.
+struct ExpertSource {
+  std::optional<MatrixSource> gate;  // absent: an MLP
+  MatrixSource up, down;
+  MlpBiases biases;
+};
+
+MatrixSource whole(std::string tensor, int64_t n, int64_t k) {
+  return {std::move(tensor), std::nullopt, 0, n, k, {0, n, 1}};
+}
+
+// Reads one layer: the names it uses, then the parts.
+class LayerLoader {
+ public:
+  LayerLoader(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
+              const LoadOptions& o)
+      : ckpt_(ckpt), prefix_(prefix), c_(c), f_(family_info(c.family)), o_(o) {}
+
+  // Plans every name, checks that nothing else lies under the prefix, and builds the router.
+  Router plan() {
+    const int64_t e_count = c_.router.num_experts;
+    const std::string gate_name = name(f_.router);
+    // The names first: a checkpoint of another family or prefix shows as tensors left over.
+    use(gate_name);
+    use_expert_names();
+    plan_shared();
+    if (c_.router_bias) use(name(f_.router_bias));
+    if (c_.correction_bias) use(name(f_.correction_bias));
+    if (!f_.output_bias.empty()) use(name(f_.output_bias));
+    check_unused();
+    const std::vector<int64_t> gshape = shape_of(ckpt_, gate_name, prefix_);
+    MOQE_CHECK(gshape.size() == 2 && gshape[0] == e_count,
+               "{}: router '{}' has shape {}, but the {} config has {} experts (expected [{}, "
+               "hidden])",
+               where(), gate_name, shape_to_string(gshape), f_.name, e_count, e_count);
+    h_ = gshape[1];
+    check_expert_shapes();
+
+    RouterConfig rc = c_.router;
+    if (c_.router_bias) rc.router_bias = load_vector(ckpt_, name(f_.router_bias), e_count);
+    if (c_.correction_bias) {
+      rc.correction_bias = load_vector(ckpt_, name(f_.correction_bias), e_count);
+    }
+    return Router(std::move(rc), load_weight_f32(ckpt_, gate_name, o_.num_threads).values, h_);
+  }
+
+  int64_t hidden() const { return h_; }
+
+  std::vector<int64_t> selected(std::optional<std::span<const int64_t>> which) const {
+    const int64_t e_count = c_.router.num_experts;
+    std::vector<int64_t> out;
+    if (which) {
+      for (const int64_t e : *which) {
+        MOQE_CHECK(e >= 0 && e < e_count, "{}: expert {} requested of the {} experts of '{}'",
+                   where(), e, e_count, prefix_);
+        out.push_back(e);
+      }
+    } else {
+      for (int64_t e = 0; e < e_count; ++e) out.push_back(e);
+    }
+    return out;
+  }
+
+  std::vector<float> output_bias() const {
+    return f_.output_bias.empty() ? std::vector<float>{}
+                                  : load_vector(ckpt_, name(f_.output_bias), h_);
+  }
+
+  // Routed expert e, where its weights are.
+  ExpertSource expert(int64_t e) const {
+    const int64_t h = h_, i = i_, en = c_.router.num_experts;
+    auto fused = [&](const char* n, bool transposed, int64_t rows, int64_t k, RowPick p) {
+      return MatrixSource{name(n), ExpertStack{en, transposed}, e, rows, k, p};
+    };
+    ExpertSource x;
+    switch (f_.layout) {
+      case ExpertLayout::kPerExpert: {
+        if (fused_) {
+          x.gate = fused("experts.gate_up_proj", false, 2 * i, h, {0, i, 1});
+          x.up = fused("experts.gate_up_proj", false, 2 * i, h, {i, i, 1});
+          x.down = fused("experts.down_proj", false, h, i, {0, h, 1});
+          return x;
+        }
+        const std::string b = expert_base(e);
+        const std::string g = b + "." + std::string(f_.gate) + ".weight";
+        const std::vector<int64_t> gs = shape_of(ckpt_, g, b);
+        MOQE_CHECK(gs.size() == 2 && gs[1] == h,
+                   "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where(), g,
+                   shape_to_string(gs), h);
+        x.gate = whole(g, gs[0], h);
+        x.up = whole(b + "." + std::string(f_.up) + ".weight", gs[0], h);
+        x.down = whole(b + "." + std::string(f_.down) + ".weight", h, gs[0]);
+        return x;
+      }
+      case ExpertLayout::kSwitch: {
+        const std::string b = expert_base(e);
+        const std::vector<int64_t> us = shape_of(ckpt_, b + ".wi.weight", b);
+        MOQE_CHECK(us.size() == 2 && us[1] == h,
+                   "{}: tensor '{}' has shape {}, expected [d_ff, {}]", where(), b + ".wi.weight",
+                   shape_to_string(us), h);
+        x.up = whole(b + ".wi.weight", us[0], h);
+        x.down = whole(b + ".wo.weight", h, us[0]);
+        return x;
+      }
+      case ExpertLayout::kGptOss: {
+        const std::vector<float> gub =
+            load_vector(ckpt_, name("experts.gate_up_proj_bias"), en * 2 * i);
+        const std::vector<float> db = load_vector(ckpt_, name("experts.down_proj_bias"), en * h);
+        x.biases = {stacked_bias(gub, e, 2 * i, {0, i, 2}), stacked_bias(gub, e, 2 * i, {1, i, 2}),
+                    stacked_bias(db, e, h, {0, h, 1})};
+        x.gate = fused("experts.gate_up_proj", true, 2 * i, h, {0, i, 2});
+        x.up = fused("experts.gate_up_proj", true, 2 * i, h, {1, i, 2});
+        x.down = fused("experts.down_proj", true, h, i, {0, h, 1});
+        return x;
+      }
+      case ExpertLayout::kLlama4:
+        x.gate = fused("experts.gate_up_proj", true, 2 * i, h, {0, i, 1});
+        x.up = fused("experts.gate_up_proj", true, 2 * i, h, {i, i, 1});
+        x.down = fused("experts.down_proj", true, h, i, {0, h, 1});
+        return x;
+      case ExpertLayout::kInputOutputLinear:
+        x.gate = fused("input_linear.weight", false, 2 * i, h, {0, i, 1});
+        x.up = fused("input_linear.weight", false, 2 * i, h, {i, i, 1});
+        x.down = fused("output_linear.weight", false, h, i, {0, h, 1});
+        return x;
+      case ExpertLayout::kDbrx:
+        x.gate = fused("experts.mlp.w1", false, i, h, {0, i, 1});
+        x.up = fused("experts.mlp.v1", false, i, h, {0, i, 1});
+        x.down = fused("experts.mlp.w2", true, h, i, {0, h, 1});
+        return x;
+    }
+    MOQE_FAIL("{}: unknown expert layout", where());
+  }
+
+  // The shared expert, when the layer has one.
+  std::optional<ExpertSource> shared() const {
+    if (!c_.shared) return std::nullopt;
+    const int64_t h = h_;
+    const std::string module = name(f_.shared);
+    ExpertSource x;
+    if (f_.shared_layout == SharedLayout::kGateUpDown) {
+      const std::string g = shared_name("gate_proj.weight");
+      const std::vector<int64_t> gs = shape_of(ckpt_, g, module);
+      MOQE_CHECK(gs.size() == 2 && gs[1] == h,
+                 "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where(), g,
+                 shape_to_string(gs), h);
+      const int64_t i = gs[0];
+      x.gate = whole(g, i, h);
+      x.up = whole(shared_name("up_proj.weight"), i, h);
+      x.down = whole(shared_name("down_proj.weight"), h, i);
+      if (c_.shared_biases) {
+        x.biases.gate = load_vector(ckpt_, shared_name("gate_proj.bias"), i);
+        x.biases.up = load_vector(ckpt_, shared_name("up_proj.bias"), i);
+        x.biases.down = load_vector(ckpt_, shared_name("down_proj.bias"), h);
+      }
+    } else {
+      const std::string in = shared_name("input_linear.weight");
+      const std::vector<int64_t> is = shape_of(ckpt_, in, module);
+      MOQE_CHECK(is.size() == 2 && is[1] == h && is[0] % 2 == 0,
+                 "{}: tensor '{}' has shape {}, expected [2 * intermediate, {}]", where(), in,
+                 shape_to_string(is), h);
+      const int64_t i = is[0] / 2;
+      x.gate = MatrixSource{in, std::nullopt, 0, 2 * i, h, {0, i, 1}};
+      x.up = MatrixSource{in, std::nullopt, 0, 2 * i, h, {i, i, 1}};
+      x.down = whole(shared_name("output_linear.weight"), h, i);
+    }
+    return x;
+  }
+
+  std::vector<float> shared_gate() const {
+    return f_.shared_gate.empty() ? std::vector<float>{}
+                                  : load_vector(ckpt_, name(f_.shared_gate), h_);
+  }
+
+  // A projection for the CPU kernels (dense or quantized storage, as stored).
+  QuantizedLinear linear(const MatrixSource& m) const {
+    const Numerics nm = o_.numerics;
+    if (m.stack) {
+      return load_expert_rows(ckpt_, m.tensor, *m.stack, m.expert, m.n, m.k, m.pick, nm);
+    }
+    if (m.pick.first == 0 && m.pick.count == m.n && m.pick.step == 1) {
+      return load_linear(ckpt_, m.tensor, m.n, m.k, nm);
+    }
+    if (is_quantized(ckpt_, m.tensor)) return QuantizedLinear::from_quantized(quantized(m), nm);
+    return load_expert_rows(ckpt_, m.tensor, ExpertStack{1, false}, 0, m.n, m.k, m.pick, nm);
+  }
+
+  // A projection as moqe-quantized codes (the CUDA layer's input); an unquantized one is an
+  // error naming the tensor.
+  QuantizedMatrix quantized(const MatrixSource& m) const {
+    if (!is_quantized(ckpt_, m.tensor)) {
+      MOQE_CHECK(ckpt_.contains(m.tensor), "{}: missing tensor '{}'", where(), m.tensor);
+      MOQE_FAIL(
+          "{}: tensor '{}' is {}, not moqe-quantized: the CUDA layer runs quantized experts "
+          "only (quantize it with `moqe quantize`, or run the layer on the CPU)",
+          where(), m.tensor, ckpt_.info(m.tensor).describe());
+    }
+    if (m.stack)
+      return quantized_expert_rows(ckpt_, m.tensor, *m.stack, m.expert, m.n, m.k, m.pick);
+    MOQE_CHECK(stored_scheme(ckpt_, m.tensor).stack.experts == 0,
+               "{}: tensor '{}' is a quantized fused expert tensor; one matrix [{}, {}] expected",
+               where(), m.tensor, m.n, m.k);
+    const QuantizedMatrix q = load_quantized(ckpt_, m.tensor);
+    MOQE_CHECK(q.rows() == m.n && q.cols() == m.k,
+               "{}: tensor '{}' has shape [{}, {}], expected [{}, {}]", where(), m.tensor, q.rows(),
+               q.cols(), m.n, m.k);
+    if (m.pick.first == 0 && m.pick.count == m.n && m.pick.step == 1) return q;
+    return q.take_rows(m.pick.first, m.pick.count, m.pick.step, m.tensor);
+  }
+
+  std::shared_ptr<const ExpertMLP> mlp(const ExpertSource& x) const {
+    if (!x.gate) {
+      return std::make_shared<const ExpertMLP>(
+          ExpertMLP::mlp(linear(x.up), linear(x.down), c_.activation, x.biases));
+    }
+    if (c_.swiglu) {
+      return std::make_shared<const ExpertMLP>(ExpertMLP::clamped_glu(
+          linear(*x.gate), linear(x.up), linear(x.down), *c_.swiglu, o_.fuse_gate_up, x.biases));
+    }
+    return std::make_shared<const ExpertMLP>(ExpertMLP::glu(
+        linear(*x.gate), linear(x.up), linear(x.down), c_.activation, o_.fuse_gate_up, x.biases));
+  }
+
+ private:
+  const Checkpoint& ckpt_;
+  std::string prefix_;
+  const MoeConfig& c_;
+  const FamilyInfo& f_;
+  const LoadOptions& o_;
+  int64_t h_ = 0, i_ = 0;  // hidden, and the routed experts' intermediate size (fused layouts)
+  bool fused_ = false;     // kPerExpert read from transformers 5's fused tensors
+  std::set<std::string> used_;
+
+  std::string where() const { return ckpt_.path().string(); }
+  std::string name(std::string_view rel) const { return join(prefix_, rel); }
+  void use(const std::string& n) { used_.insert(n); }
+
+  std::string expert_base(int64_t e) const {
+    return name(f_.layout == ExpertLayout::kSwitch ? "experts.expert_" + std::to_string(e)
+                                                   : "experts." + std::to_string(e));
+  }
+
+  std::string shared_name(std::string_view part) const {
+    return name(std::string(f_.shared) + "." + std::string(part));
+  }
+
+  // Checks a fused tensor's shape (as stored, before any quantization) against the expected.
+  void check_fused(const std::string& n, const std::vector<int64_t>& expected) const {
+    const std::vector<int64_t> s = shape_of(ckpt_, n, prefix_);
+    MOQE_CHECK(s == expected, "{}: tensor '{}' has shape {}, expected {}", where(), n,
+               shape_to_string(s), shape_to_string(expected));
+  }
+
+  // The intermediate size from a fused tensor's dimension `dim` (divided by `div`).
+  int64_t inter_of(const std::string& n, size_t dim, int64_t div) const {
+    const std::vector<int64_t> s = shape_of(ckpt_, n, prefix_);
+    MOQE_CHECK(s.size() > dim && s[dim] % div == 0 && s[dim] > 0,
+               "{}: tensor '{}' has shape {}, which is not a {} layout", where(), n,
+               shape_to_string(s), f_.name);
+    return s[dim] / div;
+  }
+
+  // The names of the routed experts' tensors in the family's layout.
+  void use_expert_names() {
+    const int64_t e = c_.router.num_experts;
+    switch (f_.layout) {
+      case ExpertLayout::kPerExpert:
+        fused_ = has_weight(ckpt_, name("experts.gate_up_proj"));
+        if (fused_) {
+          use(name("experts.gate_up_proj"));
+          use(name("experts.down_proj"));
+        } else {
+          for (int64_t x = 0; x < e; ++x) {
+            const std::string b = expert_base(x);
+            for (std::string_view p : {f_.gate, f_.up, f_.down}) {
+              use(b + "." + std::string(p) + ".weight");
+            }
+          }
+        }
+        break;
+      case ExpertLayout::kSwitch:
+        for (int64_t x = 0; x < e; ++x) {
+          use(expert_base(x) + ".wi.weight");
+          use(expert_base(x) + ".wo.weight");
+        }
+        break;
+      case ExpertLayout::kGptOss:
+        for (const char* n : {"experts.gate_up_proj", "experts.down_proj",
+                              "experts.gate_up_proj_bias", "experts.down_proj_bias"}) {
+          use(name(n));
+        }
+        break;
+      case ExpertLayout::kLlama4:
+        use(name("experts.gate_up_proj"));
+        use(name("experts.down_proj"));
+        break;
+      case ExpertLayout::kInputOutputLinear:
+        use(name("input_linear.weight"));
+        use(name("output_linear.weight"));
+        break;
+      case ExpertLayout::kDbrx:
+        for (const char* n : {"experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"}) use(name(n));
+        break;
+    }
+  }
+
+  // The fused layouts' shapes, and their intermediate size.
+  void check_expert_shapes() {
+    const int64_t e = c_.router.num_experts, h = h_;
+    switch (f_.layout) {
+      case ExpertLayout::kPerExpert:
+        if (fused_) {
+          i_ = inter_of(name("experts.gate_up_proj"), 1, 2);
+          check_fused(name("experts.gate_up_proj"), {e, 2 * i_, h});
+          check_fused(name("experts.down_proj"), {e, h, i_});
+        }
+        break;
+      case ExpertLayout::kSwitch:
+        break;
+      case ExpertLayout::kGptOss:
+      case ExpertLayout::kLlama4:
+        i_ = inter_of(name("experts.gate_up_proj"), 2, 2);
+        check_fused(name("experts.gate_up_proj"), {e, h, 2 * i_});
+        check_fused(name("experts.down_proj"), {e, i_, h});
+        break;
+      case ExpertLayout::kInputOutputLinear:
+        i_ = inter_of(name("input_linear.weight"), 1, 2);
+        check_fused(name("input_linear.weight"), {e, 2 * i_, h});
+        check_fused(name("output_linear.weight"), {e, h, i_});
+        break;
+      case ExpertLayout::kDbrx: {
+        const int64_t rows = inter_of(name("experts.mlp.w1"), 0, 1);
+        MOQE_CHECK(rows % e == 0, "{}: tensor '{}' has {} rows, not a multiple of the {} experts",
+                   where(), name("experts.mlp.w1"), rows, e);
+        i_ = rows / e;
+        for (const char* p : {"experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"}) {
+          check_fused(name(p), {e * i_, h});
+        }
+        break;
+      }
+    }
+  }
+
+  void plan_shared() {
+    if (!c_.shared) return;
+    if (f_.shared_layout == SharedLayout::kGateUpDown) {
+      for (const char* p : {"gate_proj", "up_proj", "down_proj"}) {
+        use(shared_name(std::string(p) + ".weight"));
+        if (c_.shared_biases) use(shared_name(std::string(p) + ".bias"));
+      }
+    } else if (f_.shared_layout == SharedLayout::kInputOutput) {
+      use(shared_name("input_linear.weight"));
+      use(shared_name("output_linear.weight"));
+    }
+    if (!f_.shared_gate.empty()) use(name(f_.shared_gate));
+  }
+
+  // Every tensor under the prefix (and under a sibling shared module) must be one the family
+  // reads: a leftover means the family or the prefix is not what the checkpoint holds.
+  void check_unused() {
+    if (o_.allow_unused_tensors) return;
+    std::vector<std::string> scopes = {prefix_ + "."};
+    if (f_.shared.starts_with("../")) scopes.push_back(name(f_.shared) + ".");
+    auto accounted = [&](const std::string& n) {
+      if (used_.count(n) != 0 || is_companion_tensor(ckpt_, n)) return true;
+      return ckpt_.info(n).numel() == 0;  // an empty module (n_shared_experts = 0) adds nothing
+    };
+    std::vector<std::string> unused;
+    for (const std::string& n : ckpt_.tensor_names()) {
+      bool in_scope = false;
+      for (const std::string& s : scopes) in_scope = in_scope || n.starts_with(s);
+      if (in_scope && !accounted(n)) unused.push_back(n);
+    }
+    if (unused.empty()) return;
+    std::string list;
+    for (size_t i = 0; i < unused.size() && i < 8; ++i) {
+      if (i > 0) list.append(", ");
+      list.append(unused[i]);
+    }
+    if (unused.size() > 8) list += fmt::format(", ... ({} in all)", unused.size());
+    MOQE_FAIL(
+        "{}: {} tensor(s) under '{}' are not part of a {} layer: {}{}. Check --prefix and the "
+        "family (config.json model_type '{}'); --allow-unused-tensors runs the layer anyway",
+        where(), unused.size(), prefix_, f_.name, list, foreign_quantization(ckpt_, prefix_),
+        c_.model_type);
+  }
+};
+
+}  // namespace
 
 std::filesystem::path default_config_path(const std::filesystem::path& weights) {
   if (std::filesystem::is_directory(weights)) return weights / "config.json";
   return weights.parent_path() / "config.json";
 }
 
-MoeConfig read_moe_config(const std::filesystem::path& path, Family family) {
-  // A FIFO or device could block or never end; real configs are a few kB.
-  constexpr uintmax_t kMaxConfigBytes = 16 << 20;
-  std::error_code ec;
-  const std::filesystem::file_status st = std::filesystem::status(path, ec);
-  MOQE_CHECK(std::filesystem::exists(st), "cannot open config {}: no such file", path.string());
-  MOQE_CHECK(std::filesystem::is_regular_file(st), "config {}: not a regular file", path.string());
-  const uintmax_t size = std::filesystem::file_size(path, ec);
-  MOQE_CHECK(!ec, "config {}: cannot stat: {}", path.string(), ec.message());
-  MOQE_CHECK(size <= kMaxConfigBytes, "config {}: {} bytes exceeds the limit of {} bytes",
-             path.string(), size, kMaxConfigBytes);
-  std::ifstream f(path);
-  MOQE_CHECK(f.good(), "cannot open config {}", path.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    MOQE_FAIL("{}: not valid JSON ({})", path.string(), e.what());
-  }
-  MOQE_CHECK(j.is_object(), "{}: the config is not a JSON object", path.string());
-  auto get_int = [&](const char* key, int64_t def) -> int64_t {
-    if (!j.contains(key) || j[key].is_null()) return def;
-    MOQE_CHECK(j[key].is_number_integer(), "{}: '{}' must be an integer, got {}", path.string(),
-               key, detail::json_brief(j[key]));
-    return j[key].get<int64_t>();
+std::optional<ExpertStack> expert_stack(const MoeConfig& c, std::string_view n,
+                                        std::span<const int64_t> shape) {
+  const FamilyInfo& f = family_info(c.family);
+  const int64_t e = c.router.num_experts;
+  auto ends = [&](std::string_view s) {
+    return n.ends_with(s) && n.size() > s.size() && n[n.size() - s.size() - 1] == '.';
   };
-  auto get_num = [&](const char* key, double def) -> double {
-    if (!j.contains(key) || j[key].is_null()) return def;
-    MOQE_CHECK(j[key].is_number(), "{}: '{}' must be a number, got {}", path.string(), key,
-               detail::json_brief(j[key]));
-    return j[key].get<double>();
-  };
-  auto get_bool = [&](const char* key, bool def) -> bool {
-    if (!j.contains(key) || j[key].is_null()) return def;
-    MOQE_CHECK(j[key].is_boolean(), "{}: '{}' must be true or false, got {}", path.string(), key,
-               detail::json_brief(j[key]));
-    return j[key].get<bool>();
-  };
-  auto get_str = [&](const char* key, const char* def) -> std::string {
-    if (!j.contains(key) || j[key].is_null()) return def;
-    MOQE_CHECK(j[key].is_string(), "{}: '{}' must be a string, got {}", path.string(), key,
-               detail::json_brief(j[key]));
-    return j[key].get<std::string>();
-  };
-  MoeConfig c;
-  c.family = family;
-  std::string act = "silu";
-  switch (family) {
-    case Family::kMixtral:
-      c.num_experts = get_int("num_local_experts", get_int("num_experts", 8));
-      c.top_k = get_int("num_experts_per_tok", 2);
-      c.norm_topk_prob = true;
-      act = get_str("hidden_act", "silu");
-      break;
-    case Family::kQwen2Moe:
-    case Family::kQwen3Moe:
-    case Family::kOlmoe:
-      // transformers 5 may write "num_experts": null beside "num_local_experts".
-      c.num_experts =
-          get_int("num_experts", get_int("num_local_experts", family == Family::kQwen2Moe   ? 60
-                                                              : family == Family::kQwen3Moe ? 128
-                                                                                            : 64));
-      c.top_k = get_int("num_experts_per_tok", family == Family::kQwen2Moe ? 4 : 8);
-      c.norm_topk_prob = get_bool("norm_topk_prob", false);
-      act = get_str("hidden_act", "silu");
-      break;
-    case Family::kDeepSeekV2:
-    case Family::kDeepSeekV3: {
-      const bool v3 = family == Family::kDeepSeekV3;
-      c.num_experts = get_int("n_routed_experts", v3 ? 256 : 64);
-      c.top_k = get_int("num_experts_per_tok", v3 ? 8 : 6);
-      c.n_shared_experts = get_int("n_shared_experts", v3 ? 1 : 2);
-      c.n_group = get_int("n_group", v3 ? 8 : 1);
-      c.topk_group = get_int("topk_group", v3 ? 4 : 1);
-      const double scaling = get_num("routed_scaling_factor", v3 ? 2.5 : 1.0);
-      // 1e999 parses as inf, and a double past the float range has no float value: every
-      // routing weight would be inf or NaN.
-      MOQE_CHECK(std::fabs(scaling) <= std::numeric_limits<float>::max(),
-                 "{}: routed_scaling_factor {} is not a finite float", path.string(), scaling);
-      c.routed_scaling_factor = static_cast<float>(scaling);
-      c.norm_topk_prob = get_bool("norm_topk_prob", v3);
-      act = get_str("hidden_act", "silu");
-      const std::string method = get_str("topk_method", v3 ? "noaux_tc" : "greedy");
-      if (v3) {
-        MOQE_CHECK(method == "noaux_tc",
-                   "{}: deepseek_v3 topk_method '{}' is not supported "
-                   "(noaux_tc)",
-                   path.string(), method);
-        const std::string scoring = get_str("scoring_func", "sigmoid");
-        MOQE_CHECK(scoring == "sigmoid",
-                   "{}: deepseek_v3 scoring_func '{}' is not supported "
-                   "(sigmoid)",
-                   path.string(), scoring);
-      } else {
-        MOQE_CHECK(method == "greedy" || method == "group_limited_greedy",
-                   "{}: deepseek_v2 topk_method '{}' is not supported (greedy, "
-                   "group_limited_greedy)",
-                   path.string(), method);
-        c.topk_method = method == "greedy" ? TopkMethod::kGreedy : TopkMethod::kGroupLimitedGreedy;
-        const std::string scoring = get_str("scoring_func", "softmax");
-        MOQE_CHECK(scoring == "softmax",
-                   "{}: deepseek_v2 scoring_func '{}' is not supported "
-                   "(softmax)",
-                   path.string(), scoring);
+  const bool three_d = shape.size() == 3;
+  switch (f.layout) {
+    case ExpertLayout::kPerExpert:
+      if (three_d && (ends("experts.gate_up_proj") || ends("experts.down_proj"))) {
+        return ExpertStack{shape[0], false};
       }
       break;
-    }
-    case Family::kSwitch:
-      c.num_experts = get_int("num_experts", 8);
-      c.top_k = 1;
-      c.expert_capacity = get_int("expert_capacity", 64);
-      act = get_str("dense_act_fn", "relu");
+    case ExpertLayout::kGptOss:
+    case ExpertLayout::kLlama4:
+      if (three_d && (ends("experts.gate_up_proj") || ends("experts.down_proj"))) {
+        return ExpertStack{shape[0], true};
+      }
+      break;
+    case ExpertLayout::kInputOutputLinear:
+      if (three_d && (ends("input_linear.weight") || ends("output_linear.weight"))) {
+        return ExpertStack{shape[0], false};
+      }
+      break;
+    case ExpertLayout::kDbrx:
+      if (shape.size() == 2 && (ends("experts.mlp.w1") || ends("experts.mlp.v1"))) {
+        return ExpertStack{e, false};
+      }
+      if (shape.size() == 2 && ends("experts.mlp.w2")) return ExpertStack{e, true};
+      break;
+    case ExpertLayout::kSwitch:
       break;
   }
-  auto a = parse_activation(act);
-  MOQE_CHECK(a.has_value(),
-             "{}: unsupported activation '{}' (silu, gelu, gelu_new, "
-             "gelu_pytorch_tanh, relu)",
-             path.string(), act);
-  c.activation = *a;
-  MOQE_CHECK(c.num_experts > 0, "{}: the number of experts must be positive, got {}", path.string(),
-             c.num_experts);
-  MOQE_CHECK(c.top_k > 0 && c.top_k <= c.num_experts,
-             "{}: num_experts_per_tok {} must be between 1 and the {} experts", path.string(),
-             c.top_k, c.num_experts);
-  return c;
+  return std::nullopt;
 }
 
 MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
                         const LoadOptions& options) {
   MoeLayerParts parts = load_moe_parts(ckpt, prefix, c, options);
-  return MoELayer(std::move(parts.router), std::move(parts.experts), std::move(parts.shared));
+  return MoELayer(std::move(parts.router), std::move(parts.experts), std::move(parts.shared), {},
+                  std::move(parts.output_bias));
 }
 
 MoeLayerParts load_moe_parts(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
                              const LoadOptions& options,
                              std::optional<std::span<const int64_t>> which) {
-  const std::string where = ckpt.path().string();
-  const int64_t e_count = c.num_experts;
-  const bool is_switch = c.family == Family::kSwitch;
-
-  // Router.
-  const std::string gate_name =
-      join(prefix, is_switch ? "router.classifier.weight" : "gate.weight");
-  const std::vector<int64_t> gshape = shape_of(ckpt, gate_name);
-  MOQE_CHECK(gshape.size() == 2 && gshape[0] == e_count,
-             "{}: router '{}' has shape {}, expected [{}, hidden] for {} experts", where, gate_name,
-             shape_to_string(gshape), e_count, e_count);
-  const int64_t h = gshape[1];
-  MOQE_CHECK(!ckpt.contains(join(prefix, is_switch ? "router.classifier.bias" : "gate.bias")),
-             "{}: router biases are not supported ('{}')", where,
-             join(prefix, is_switch ? "router.classifier.bias" : "gate.bias"));
-  RouterConfig rc;
-  rc.num_experts = e_count;
-  rc.top_k = c.top_k;
-  rc.norm_topk_prob = c.norm_topk_prob;
-  switch (c.family) {
-    case Family::kMixtral:
-      rc.kind = RouterKind::kMixtral;
-      break;
-    case Family::kQwen2Moe:
-    case Family::kQwen3Moe:
-    case Family::kOlmoe:
-      rc.kind = RouterKind::kSoftmaxTopK;
-      break;
-    case Family::kDeepSeekV2:
-    case Family::kDeepSeekV3:
-      rc.kind = c.family == Family::kDeepSeekV2 ? RouterKind::kDeepSeekV2 : RouterKind::kDeepSeekV3;
-      rc.topk_method = c.topk_method;
-      rc.n_group = c.n_group;
-      rc.topk_group = c.topk_group;
-      rc.routed_scaling_factor = c.routed_scaling_factor;
-      if (c.family == Family::kDeepSeekV3) {
-        const std::string bias = join(prefix, "gate.e_score_correction_bias");
-        rc.correction_bias = ckpt.contains(bias)
-                                 ? load_vector(ckpt, bias, e_count)
-                                 : std::vector<float>(static_cast<size_t>(e_count), 0.0f);
-      }
-      break;
-    case Family::kSwitch:
-      rc.kind = RouterKind::kSwitch;
-      rc.expert_capacity = c.expert_capacity;
-      rc.switch_passthrough = options.switch_passthrough;
-      break;
+  MoeConfig layer = c.for_layer(prefix);
+  layer.router.switch_passthrough = options.switch_passthrough;
+  LayerLoader l(ckpt, prefix, layer, options);
+  MoeLayerParts parts;
+  parts.router = l.plan();
+  parts.hidden = l.hidden();
+  for (const int64_t e : l.selected(which)) parts.experts.push_back(l.mlp(l.expert(e)));
+  if (const std::optional<ExpertSource> s = l.shared()) {
+    parts.shared.push_back({l.mlp(*s), l.shared_gate(), layer.shared_combine});
   }
-  Router router(std::move(rc), load_weight_f32(ckpt, gate_name, options.num_threads).values, h);
-  std::vector<int64_t> selected;
-  if (which) {
-    for (const int64_t e : *which) {
-      MOQE_CHECK(e >= 0 && e < e_count, "{}: expert {} requested of the {} experts of '{}'", where,
-                 e, e_count, prefix);
-      selected.push_back(e);
-    }
-  } else {
-    for (int64_t e = 0; e < e_count; ++e) selected.push_back(e);
-  }
+  parts.output_bias = l.output_bias();
+  return parts;
+}
 
-  // Experts: per-expert tensors, or the fused 3-D layout.
-  std::vector<std::shared_ptr<const ExpertMLP>> experts;
-  const std::string fused_gu = join(prefix, "experts.gate_up_proj");
-  const std::string fused_down = join(prefix, "experts.down_proj");
-  const bool fused = !is_switch && ckpt.contains(fused_gu);
-  if (fused) {
-    MOQE_CHECK(ckpt.contains(fused_down), "{}: '{}' present but '{}' missing", where, fused_gu,
-               fused_down);
-    const TensorInfo& gu = ckpt.info(fused_gu);
-    const TensorInfo& dn = ckpt.info(fused_down);
-    MOQE_CHECK(
-        gu.shape.size() == 3 && gu.shape[0] == e_count && gu.shape[2] == h && gu.shape[1] % 2 == 0,
-        "{}: tensor '{}' has shape {}, expected [{}, 2 * intermediate, {}]", where, fused_gu,
-        shape_to_string(gu.shape), e_count, h);
-    const int64_t i = gu.shape[1] / 2;
-    MOQE_CHECK(dn.shape == std::vector<int64_t>({e_count, h, i}),
-               "{}: tensor '{}' has shape {}, expected [{}, {}, {}]", where, fused_down,
-               shape_to_string(dn.shape), e_count, h, i);
-    for (const int64_t e : selected) {
-      experts.push_back(std::make_shared<const ExpertMLP>(ExpertMLP::glu(
-          slice_fused(ckpt, fused_gu, e, 0, i), slice_fused(ckpt, fused_gu, e, i, i),
-          slice_fused(ckpt, fused_down, e, 0, h), c.activation, options.fuse_gate_up)));
-    }
-  } else {
-    for (const int64_t e : selected) {
-      if (is_switch) {
-        const std::string base = join(prefix, "experts.expert_" + std::to_string(e));
-        const bool gated = has_weight(ckpt, base + ".wi_0.weight");
-        const std::string up_name = base + (gated ? ".wi_1.weight" : ".wi.weight");
-        const std::vector<int64_t> us = shape_of(ckpt, up_name);
-        MOQE_CHECK(us.size() == 2 && us[1] == h,
-                   "{}: tensor '{}' has shape {}, expected [d_ff, {}]", where, up_name,
-                   shape_to_string(us), h);
-        const int64_t i = us[0];
-        QuantizedLinear up = load_linear(ckpt, up_name, i, h, options.numerics);
-        QuantizedLinear down = load_linear(ckpt, base + ".wo.weight", h, i, options.numerics);
-        experts.push_back(std::make_shared<const ExpertMLP>(
-            gated
-                ? ExpertMLP::glu(load_linear(ckpt, base + ".wi_0.weight", i, h, options.numerics),
-                                 std::move(up), std::move(down), c.activation, options.fuse_gate_up)
-                : ExpertMLP::mlp(std::move(up), std::move(down), c.activation)));
-        continue;
-      }
-      const std::string base = join(prefix, "experts." + std::to_string(e));
-      const bool mixtral = c.family == Family::kMixtral;
-      const std::string g = base + (mixtral ? ".w1.weight" : ".gate_proj.weight");
-      const std::string u = base + (mixtral ? ".w3.weight" : ".up_proj.weight");
-      const std::string d = base + (mixtral ? ".w2.weight" : ".down_proj.weight");
-      const std::vector<int64_t> gs = shape_of(ckpt, g);
-      MOQE_CHECK(gs.size() == 2 && gs[1] == h,
-                 "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where, g,
-                 shape_to_string(gs), h);
-      const int64_t i = gs[0];
-      experts.push_back(std::make_shared<const ExpertMLP>(ExpertMLP::glu(
-          load_linear(ckpt, g, i, h, options.numerics),
-          load_linear(ckpt, u, i, h, options.numerics),
-          load_linear(ckpt, d, h, i, options.numerics), c.activation, options.fuse_gate_up)));
-    }
-  }
-
-  // Shared experts.
-  std::vector<SharedExpert> shared;
-  auto load_shared = [&](const std::string& base) {
-    const std::vector<int64_t> gs = shape_of(ckpt, base + ".gate_proj.weight");
-    MOQE_CHECK(gs.size() == 2 && gs[1] == h,
-               "{}: tensor '{}' has shape {}, expected [intermediate, {}]", where,
-               base + ".gate_proj.weight", shape_to_string(gs), h);
-    const int64_t i = gs[0];
-    return std::make_shared<const ExpertMLP>(
-        ExpertMLP::glu(load_linear(ckpt, base + ".gate_proj.weight", i, h, options.numerics),
-                       load_linear(ckpt, base + ".up_proj.weight", i, h, options.numerics),
-                       load_linear(ckpt, base + ".down_proj.weight", h, i, options.numerics),
-                       c.activation, options.fuse_gate_up));
+QuantizedLayer load_quantized_layer(const Checkpoint& ckpt, std::string_view prefix,
+                                    const MoeConfig& c, const LoadOptions& options) {
+  MoeConfig layer = c.for_layer(prefix);
+  layer.router.switch_passthrough = options.switch_passthrough;
+  LayerLoader l(ckpt, prefix, layer, options);
+  QuantizedLayer q;
+  q.router = l.plan();
+  q.hidden = l.hidden();
+  auto add = [&](const ExpertSource& x, QuantizedExperts& out) {
+    MOQE_CHECK(!x.biases.gate.size() && !x.biases.up.size() && !x.biases.down.size(),
+               "{}: the {} layer's experts have biases, which the quantized-expert path does not "
+               "carry",
+               ckpt.path().string(), to_string(layer.family));
+    if (x.gate) out.gate.push_back(l.quantized(*x.gate));
+    out.up.push_back(l.quantized(x.up));
+    out.down.push_back(l.quantized(x.down));
   };
-  if (c.family == Family::kQwen2Moe) {
-    const std::string base = join(prefix, "shared_expert");
-    const bool has = has_weight(ckpt, base + ".gate_proj.weight");
-    if (has) {
-      SharedExpert s;
-      s.mlp = load_shared(base);
-      s.gate = load_vector(ckpt, join(prefix, "shared_expert_gate.weight"), h);
-      shared.push_back(std::move(s));
-    }
-  } else if (c.family == Family::kDeepSeekV2 || c.family == Family::kDeepSeekV3) {
-    const std::string base = join(prefix, "shared_experts");
-    const bool has = has_weight(ckpt, base + ".gate_proj.weight");
-    MOQE_CHECK(has || c.n_shared_experts == 0,
-               "{}: config has n_shared_experts = {} but tensor '{}' is missing", where,
-               c.n_shared_experts, base + ".gate_proj.weight");
-    if (has) shared.push_back({load_shared(base), {}});
+  for (const int64_t e : l.selected(std::nullopt)) add(l.expert(e), q.experts);
+  if (const std::optional<ExpertSource> s = l.shared()) {
+    q.shared.emplace();
+    add(*s, *q.shared);
+    q.shared_gate = l.shared_gate();
   }
-  return {std::move(router), std::move(experts), std::move(shared), h};
+  q.output_bias = l.output_bias();
+  return q;
 }
 
 }  // namespace moqe

@@ -11,8 +11,12 @@
 namespace moqe {
 
 MoELayer::MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> experts,
-                   std::vector<SharedExpert> shared, std::optional<ResidualMLP> residual)
-    : router_(std::move(router)), shared_(std::move(shared)), residual_(std::move(residual)) {
+                   std::vector<SharedExpert> shared, std::optional<ResidualMLP> residual,
+                   std::vector<float> output_bias)
+    : router_(std::move(router)),
+      shared_(std::move(shared)),
+      residual_(std::move(residual)),
+      output_bias_(std::move(output_bias)) {
   MOQE_CHECK(static_cast<int64_t>(experts.size()) == router_.num_experts(),
              "MoELayer: {} experts for a router over {}", experts.size(), router_.num_experts());
   MOQE_CHECK(!experts.empty(), "MoELayer: no experts");
@@ -24,6 +28,8 @@ MoELayer::MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> 
                router_.hidden(), hidden_);
   }
   max_dense_intermediate_ = detail::check_layer_tail(shared_, residual_, hidden_, "MoELayer");
+  MOQE_CHECK(output_bias_.empty() || static_cast<int64_t>(output_bias_.size()) == hidden_,
+             "MoELayer: the output bias has {} values, expected {}", output_bias_.size(), hidden_);
 }
 
 LayerStats MoELayer::stats() const {
@@ -69,10 +75,12 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
   MOQE_CHECK(rows * h <= static_cast<int64_t>(ws.xe.size()),
              "MoELayer: {} routed rows exceed the workspace", rows);
   MatrixView<float> xe(ws.xe.data(), rows, h), ye(ws.ye.data(), rows, h);
-  gather_rows(ws.plan, x, xe, threads);
+  const WeightPlacement placement =
+      router_.config().scale_input ? WeightPlacement::kInput : WeightPlacement::kOutput;
+  gather_rows(ws.plan, x, xe, threads, placement);
   experts_.run(ws.plan.offsets(), MatrixView<const float>(xe), ye, ws.experts, threads);
-  combine_rows(ws.plan, ye, y, threads);
-  detail::finish_layer(x, y, ws.routing, shared_, residual_, o.active,
+  combine_rows(ws.plan, ye, y, threads, placement);
+  detail::finish_layer(x, y, ws.routing, shared_, residual_, output_bias_, o.active,
                        {ws.max_tokens, &ws.scratch, &ws.extra, &ws.active_tokens}, threads);
 }
 
@@ -140,12 +148,19 @@ void reserve_layer_tail(bool has_tail, int64_t max_tokens, int64_t hidden, int64
 
 void finish_layer(MatrixView<const float> x, MatrixView<float> y, const Routing& r,
                   std::span<const SharedExpert> shared, const std::optional<ResidualMLP>& residual,
-                  std::span<const uint8_t> active, const LayerTailBuffers& buffers, int threads) {
+                  std::span<const float> output_bias, std::span<const uint8_t> active,
+                  const LayerTailBuffers& buffers, int threads) {
   const int64_t t_count = x.rows(), h = x.cols();
   for (int64_t t = 0; t < t_count; ++t) {
     if (!r.passthrough[t]) continue;
     const float w = r.weights[t * r.slots];
     for (int64_t c = 0; c < h; ++c) y(t, c) = w * x(t, c);
+  }
+  if (!output_bias.empty()) {
+    for (int64_t t = 0; t < t_count; ++t) {
+      if (!active.empty() && !active[t]) continue;
+      for (int64_t c = 0; c < h; ++c) y(t, c) += output_bias[c];
+    }
   }
   if (shared.empty() && !residual) return;
 
@@ -169,7 +184,11 @@ void finish_layer(MatrixView<const float> x, MatrixView<float> y, const Routing&
           s.gate.empty() ? 1.0f : 1.0f / (1.0f + std::exp(-dot_f32(s.gate.data(), xa.row(i), h)));
       float* dst = y.row(idx[i]);
       const float* src = out.row(i);
-      for (int64_t c = 0; c < h; ++c) dst[c] += g * src[c];
+      if (s.combine == SharedCombine::kAverage) {
+        for (int64_t c = 0; c < h; ++c) dst[c] = (dst[c] + g * src[c]) / 2;
+      } else {
+        for (int64_t c = 0; c < h; ++c) dst[c] += g * src[c];
+      }
     }
   }
   if (residual) {
@@ -207,7 +226,8 @@ MoELayer MoELayer::extract_task(int32_t task_id) const {
     local.weights.push_back(route.weights[j]);
   }
   sub.tasks.push_back(std::move(local));
-  return MoELayer(Router(std::move(sub), {}, hidden_), std::move(experts), shared_, residual_);
+  return MoELayer(Router(std::move(sub), {}, hidden_), std::move(experts), shared_, residual_,
+                  output_bias_);
 }
 
 }  // namespace moqe

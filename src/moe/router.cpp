@@ -32,6 +32,41 @@ void softmax_inplace(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] /= sum;
 }
 
+// w[0..k) divided by the norm of the chosen weights (RouterConfig: renormalization).
+void renormalize(float* w, int64_t k, const RouterConfig& c) {
+  float norm = 0;
+  if (c.norm_p == 1.0f) {
+    for (int64_t j = 0; j < k; ++j) norm += w[j];
+  } else {
+    for (int64_t j = 0; j < k; ++j) norm += std::pow(std::fabs(w[j]), c.norm_p);
+    norm = std::pow(norm, 1.0f / c.norm_p);
+  }
+  const float d = std::max(norm + c.norm_epsilon, c.norm_min);
+  for (int64_t j = 0; j < k; ++j) w[j] /= d;
+}
+
+// Phi-3.5-MoE's sparsemixer at inference (transformers' sparsemixer with training off): the
+// best expert, weighted by its softmax over the logits within 2 eps (relative) of it, then the
+// best of the rest, weighted the same way over the rest. Division and comparison as written there.
+void sparsemixer(const float* p, int64_t e, float eps, int32_t* ids, float* w,
+                 std::vector<float>& masked) {
+  masked.assign(p, p + e);
+  for (int pick = 0; pick < 2; ++pick) {
+    int32_t best = 0;
+    topk_indices(masked.data(), e, 1, &best);
+    const float m = masked[best];
+    float sum = 0;
+    for (int64_t j = 0; j < e; ++j) {
+      const float factor = std::max(std::fabs(p[j]), m);
+      const bool out = (m - p[j]) / factor > 2 * eps || masked[j] == -INFINITY;
+      if (!out) sum += std::exp(masked[j] - m);
+    }
+    ids[pick] = best;
+    w[pick] = std::exp(masked[best] - m) / sum;
+    masked[best] = -INFINITY;
+  }
+}
+
 // Saturates: a huge capacity_factor means no limit, and casting past int64 would be undefined.
 int64_t ceil_div(double a, double b) {
   const double q = std::ceil(a / b);
@@ -56,14 +91,21 @@ std::string_view to_string(RouterKind kind) {
       return "task";
     case RouterKind::kExpertChoice:
       return "expert_choice";
+    case RouterKind::kTopKSoftmax:
+      return "topk_softmax";
+    case RouterKind::kTopKSigmoid:
+      return "topk_sigmoid";
+    case RouterKind::kSparseMixer:
+      return "sparsemixer";
   }
   return "?";
 }
 
 std::optional<RouterKind> parse_router_kind(std::string_view s) {
-  for (RouterKind k : {RouterKind::kSoftmaxTopK, RouterKind::kMixtral, RouterKind::kDeepSeekV2,
-                       RouterKind::kDeepSeekV3, RouterKind::kSwitch, RouterKind::kTask,
-                       RouterKind::kExpertChoice}) {
+  for (RouterKind k :
+       {RouterKind::kSoftmaxTopK, RouterKind::kMixtral, RouterKind::kDeepSeekV2,
+        RouterKind::kDeepSeekV3, RouterKind::kSwitch, RouterKind::kTask, RouterKind::kExpertChoice,
+        RouterKind::kTopKSoftmax, RouterKind::kTopKSigmoid, RouterKind::kSparseMixer}) {
     if (to_string(k) == s) return k;
   }
   return std::nullopt;
@@ -121,10 +163,41 @@ std::string check_router_config(const RouterConfig& c) {
           e / c.n_group);
     }
   }
-  if (c.kind == RouterKind::kDeepSeekV3 && !c.correction_bias.empty() &&
-      static_cast<int64_t>(c.correction_bias.size()) != e) {
-    return fmt::format("e_score_correction_bias has {} values for {} experts",
-                       c.correction_bias.size(), e);
+  if (!c.correction_bias.empty()) {
+    if (c.kind != RouterKind::kDeepSeekV3 && c.kind != RouterKind::kSoftmaxTopK &&
+        c.kind != RouterKind::kMixtral) {
+      return fmt::format(
+          "a correction bias applies to deepseek_v3, softmax_topk and mixtral "
+          "routing, not {}",
+          to_string(c.kind));
+    }
+    if (static_cast<int64_t>(c.correction_bias.size()) != e) {
+      return fmt::format("the correction bias has {} values for {} experts",
+                         c.correction_bias.size(), e);
+    }
+  }
+  if (!c.router_bias.empty()) {
+    if (c.kind == RouterKind::kTask) return "the task router has no logits to bias";
+    if (static_cast<int64_t>(c.router_bias.size()) != e) {
+      return fmt::format("the router bias has {} values for {} experts", c.router_bias.size(), e);
+    }
+  }
+  if (!(c.norm_epsilon >= 0) || !std::isfinite(c.norm_epsilon) || !(c.norm_min >= 0) ||
+      !std::isfinite(c.norm_min)) {
+    return fmt::format("norm_epsilon {} and norm_min {} must be finite and >= 0", c.norm_epsilon,
+                       c.norm_min);
+  }
+  if (!(c.norm_p > 0) || !std::isfinite(c.norm_p)) {
+    return fmt::format("norm_p {} must be finite and positive", c.norm_p);
+  }
+  if (c.kind == RouterKind::kSparseMixer) {
+    if (c.top_k != 2) return fmt::format("sparsemixer routes to 2 experts, got top_k {}", c.top_k);
+    if (!(c.jitter_eps >= 0) || !std::isfinite(c.jitter_eps)) {
+      return fmt::format("jitter_eps {} must be finite and >= 0", c.jitter_eps);
+    }
+  }
+  if (c.scale_input && (c.kind == RouterKind::kSwitch || c.kind == RouterKind::kExpertChoice)) {
+    return fmt::format("scale_input does not apply to {} routing", to_string(c.kind));
   }
   if (c.kind == RouterKind::kTask) {
     if (c.tasks.empty()) return "the task router needs at least one task";
@@ -179,6 +252,11 @@ void Router::logits(MatrixView<const float> x, MatrixView<float> out, int num_th
   MOQE_CHECK(config_.kind != RouterKind::kTask, "the task router has no logits");
   matmul_nt_f32(x, MatrixView<const float>(gate_.data(), config_.num_experts, hidden_), out,
                 num_threads);
+  if (!config_.router_bias.empty()) {
+    for (int64_t t = 0; t < out.rows(); ++t) {
+      for (int64_t i = 0; i < config_.num_experts; ++i) out(t, i) += config_.router_bias[i];
+    }
+  }
 }
 
 void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& o) const {
@@ -247,16 +325,35 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
             case RouterKind::kMixtral:
             case RouterKind::kSwitch: {
               softmax_inplace(p, e);
-              topk_indices(p, e, k, ids);
-              float sum = 0;
-              for (int64_t j = 0; j < k; ++j) sum += (w[j] = p[ids[j]]);
+              if (c.correction_bias.empty()) {
+                topk_indices(p, e, k, ids);
+              } else {  // ERNIE 4.5: chosen by p + bias, weighted by p
+                for (int64_t i = 0; i < e; ++i) choice[i] = p[i] + c.correction_bias[i];
+                topk_indices(choice.data(), e, k, ids);
+              }
+              for (int64_t j = 0; j < k; ++j) w[j] = p[ids[j]];
               const bool renorm = c.kind == RouterKind::kMixtral ||
                                   (c.kind == RouterKind::kSoftmaxTopK && c.norm_topk_prob);
-              if (renorm) {
+              if (renorm) renormalize(w, k, c);
+              break;
+            }
+            case RouterKind::kTopKSoftmax:
+            case RouterKind::kTopKSigmoid: {
+              topk_indices(p, e, k, ids);
+              if (c.kind == RouterKind::kTopKSoftmax) {
+                float m = p[ids[0]], sum = 0;
+                for (int64_t j = 1; j < k; ++j) m = std::max(m, p[ids[j]]);
+                for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(p[ids[j]] - m));
                 for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+              } else {
+                for (int64_t j = 0; j < k; ++j) w[j] = 1.0f / (1.0f + std::exp(-p[ids[j]]));
+                if (c.norm_topk_prob) renormalize(w, k, c);
               }
               break;
             }
+            case RouterKind::kSparseMixer:
+              sparsemixer(p, e, c.jitter_eps, ids, w, choice);
+              break;
             case RouterKind::kDeepSeekV2: {
               softmax_inplace(p, e);
               if (c.topk_method == TopkMethod::kGroupLimitedGreedy) {
@@ -292,11 +389,8 @@ void Router::route(MatrixView<const float> x, Routing& out, const RouteOptions& 
               // Excluded as well as -inf: a kept expert whose score is NaN must not lose its
               // place to a masked one (NaN ranks below -inf).
               topk_indices(choice.data(), e, k, ids, masked.data());
-              float sum = 0;
-              for (int64_t j = 0; j < k; ++j) sum += (w[j] = p[ids[j]]);
-              if (c.norm_topk_prob) {
-                for (int64_t j = 0; j < k; ++j) w[j] /= sum + 1e-20f;
-              }
+              for (int64_t j = 0; j < k; ++j) w[j] = p[ids[j]];
+              if (c.norm_topk_prob) renormalize(w, k, c);
               for (int64_t j = 0; j < k; ++j) w[j] *= c.routed_scaling_factor;
               break;
             }

@@ -31,6 +31,25 @@ QuantizedMatrix QuantizedMatrix::concat_rows(const QuantizedMatrix& a, const Qua
                     cat(a.scales(), b.scales()), cat(a.zeros(), b.zeros()), name);
 }
 
+QuantizedMatrix QuantizedMatrix::take_rows(int64_t first, int64_t count, int64_t step,
+                                           std::string_view name) const {
+  MOQE_CHECK(
+      first >= 0 && count >= 0 && step >= 1 && (count == 0 || first + (count - 1) * step < rows_),
+      "{}: rows {}, {}, ... ({} of them) are not all among its {} rows", name, first, first + step,
+      count, rows_);
+  const int64_t rb = row_bytes(), ng = groups_per_row();
+  std::vector<uint8_t> q(static_cast<size_t>(count * rb)), z;
+  std::vector<float> sc(static_cast<size_t>(count * ng));
+  if (scheme_.has_zeros()) z.resize(sc.size());
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t r = first + i * step;
+    std::copy_n(qweight_.begin() + r * rb, rb, q.begin() + i * rb);
+    std::copy_n(scales_.begin() + r * ng, ng, sc.begin() + i * ng);
+    if (!z.empty()) std::copy_n(zeros_.begin() + r * ng, ng, z.begin() + i * ng);
+  }
+  return from_parts(count, cols_, scheme_, std::move(q), std::move(sc), std::move(z), name);
+}
+
 QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const QuantScheme& scheme,
                                             std::vector<uint8_t> qweight, std::vector<float> scales,
                                             std::vector<uint8_t> zeros, std::string_view name) {

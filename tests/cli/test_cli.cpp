@@ -10,46 +10,19 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli/cli_util.hpp"
 #include "moqe/io/quantized_format.hpp"
 #include "moqe/io/synthetic.hpp"
 #include "moqe/moe/loader.hpp"
 #include "test_util.hpp"
 
 using namespace moqe;
+using test::count_lines;
+using test::moqe_cli;
+using test::Run;
+using test::slurp;
 
 namespace {
-
-struct Run {
-  int status = -1;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-std::string slurp(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-// env: "NAME=value ..." set for this run only.
-Run moqe_cli(const test::TempDir& dir, const std::string& args, const std::string& env = "") {
-  const auto out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const std::string cmd = env + " " + std::string(MOQE_CLI_PATH) + " " + args + " >" +
-                          out.string() + " 2>" + err.string() + " </dev/null";
-  const int raw = std::system(cmd.c_str());
-  Run r;
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  std::filesystem::remove(out);
-  std::filesystem::remove(err);
-  return r;
-}
-
-int count_lines(const std::string& s) {
-  return static_cast<int>(std::count(s.begin(), s.end(), '\n'));
-}
 
 SyntheticMoeSpec spec() {
   SyntheticMoeSpec s;
@@ -216,7 +189,7 @@ TEST_CASE("cli: moe-forward runs a layer and reports its routing", "[cli]") {
       {"moe-forward --weights " + model +
            " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
            (dir / "x32.safetensors").string() + o,
-       "tensor 'x' is F32 [5, 32], expected F32 [tokens, 64]"},
+       "tensor 'x' is F32 [5, 32], but the layer's hidden size is 64"},
       {"moe-forward --weights " + model +
            " --prefix model.layers.0.mlp --family deepseek_v3 --input " +
            (dir / "y.safetensors").string() + o,

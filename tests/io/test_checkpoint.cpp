@@ -193,24 +193,40 @@ TEST_CASE("index errors name the index and the shard", "[io][checkpoint]") {
   }
 }
 
-TEST_CASE("directory of plain safetensors files", "[io][checkpoint]") {
+TEST_CASE("a directory reads model.safetensors or its index, nothing else", "[io][checkpoint]") {
   TempDir dir;
   write_shard(dir / "b.safetensors", {"b1", "b2"}, 5, {{"k", "from-b"}});
   write_shard(dir / "a.safetensors", {"a1"}, 1, {{"k", "from-a"}, {"ka", "1"}});
   write_text(dir / "config.json", "{}");
   write_text(dir / "notes.txt", "hello");
 
-  SECTION("all files are opened, sorted by name") {
-    const Checkpoint c(dir.path);
-    REQUIRE(c.files().size() == 2);
-    CHECK(c.files()[0]->path().filename() == "a.safetensors");
-    CHECK(c.files()[1]->path().filename() == "b.safetensors");
-    CHECK(c.tensor_names() == std::vector<std::string>{"a1", "b1", "b2"});
-    CHECK(c.to_float("b2") == std::vector<float>{6, -6});
-    CHECK(c.metadata() == std::map<std::string, std::string>{{"k", "from-a"}, {"ka", "1"}});
+  SECTION("neither model.safetensors nor an index: an error listing the files") {
+    CHECK_THAT(open_error(dir.path),
+               Contains("no model.safetensors or model.safetensors.index.json") &&
+                   Contains("a.safetensors, b.safetensors") && Contains(dir.path.string()));
   }
-  SECTION("a tensor in two files") {
+  SECTION("model.safetensors is read; the other files are listed as ignored") {
+    write_shard(dir / "model.safetensors", {"m1"}, 3, {{"k", "from-m"}});
+    const Checkpoint c(dir.path);
+    REQUIRE(c.files().size() == 1);
+    CHECK(c.files()[0]->path().filename() == "model.safetensors");
+    CHECK(c.tensor_names() == std::vector<std::string>{"m1"});
+    REQUIRE(c.ignored().size() == 2);
+    CHECK(c.ignored()[0].filename() == "a.safetensors");
+    CHECK(c.ignored()[1].filename() == "b.safetensors");
+  }
+  SECTION("an index: its shards are read, the rest ignored") {
+    write_text(dir / "model.safetensors.index.json", R"({"weight_map": {"b1": "b.safetensors"}})");
+    const Checkpoint c(dir.path);
+    REQUIRE(c.files().size() == 1);
+    CHECK(c.tensor_names() == std::vector<std::string>{"b1", "b2"});
+    REQUIRE(c.ignored().size() == 1);
+    CHECK(c.ignored()[0].filename() == "a.safetensors");
+  }
+  SECTION("a tensor in two shards") {
     write_shard(dir / "c.safetensors", {"b2"}, 7);
+    write_text(dir / "model.safetensors.index.json",
+               R"({"weight_map": {"b1": "b.safetensors", "x": "c.safetensors"}})");
     CHECK_THAT(open_error(dir.path),
                Contains("'b2'") && Contains("b.safetensors") && Contains("c.safetensors"));
   }
@@ -219,15 +235,21 @@ TEST_CASE("directory of plain safetensors files", "[io][checkpoint]") {
     CHECK(c.files().size() == 1);
     CHECK(c.tensor_names() == std::vector<std::string>{"b1", "b2"});
     CHECK(c.metadata().at("k") == "from-b");
+    CHECK(c.ignored().empty());
   }
 }
 
 TEST_CASE("checkpoint paths that hold nothing", "[io][checkpoint]") {
   TempDir dir;
   CHECK_THAT(open_error(dir.path),
-             Contains("no .safetensors file or model.safetensors.index.json") &&
+             Contains("no model.safetensors or model.safetensors.index.json") &&
                  Contains(dir.path.string()));
   CHECK_THAT(open_error(dir / "absent.safetensors"), Contains("absent.safetensors"));
   write_text(dir / "x.safetensors", "not a safetensors file at all");
   CHECK_THAT(open_error(dir / "x.safetensors"), Contains("x.safetensors"));
+  // Other formats are named for what they are.
+  write_text(dir / "model.gguf", std::string("GGUF\x03\0\0\0", 8) + std::string(64, '\0'));
+  CHECK_THAT(open_error(dir / "model.gguf"), Contains("model.gguf") && Contains("GGUF file"));
+  write_text(dir / "pytorch_model.bin", std::string("PK\x03\x04", 4) + std::string(64, '\0'));
+  CHECK_THAT(open_error(dir / "pytorch_model.bin"), Contains("zip archive"));
 }

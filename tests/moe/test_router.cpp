@@ -293,6 +293,7 @@ TEST_CASE("switch: top-1 weighted by the max probability, capacity per sequence 
   const Rows logits = {{2, 0, -1}, {1.5f, 0.2f, 0}, {3, 1, 1}, {0, 2, -2}, {0.5f, 0, 0}, {4, 0, 1}};
   const std::vector<int32_t> choice = {0, 0, 0, 1, 0, 0};
   RouterConfig c = config(RouterKind::kSwitch, 3, 1);
+  c.switch_passthrough = true;  // transformers 4's semantics; false (the default) is tested below
   auto check_weights = [&](const Routing& r) {
     for (int64_t t = 0; t < 6; ++t) {
       REQUIRE(r.id(t, 0) == choice[t]);
@@ -338,7 +339,8 @@ TEST_CASE("switch: top-1 weighted by the max probability, capacity per sequence 
     CHECK(r.passthrough == std::vector<uint8_t>{0, 0, 0, 0, 1, 1});
     CHECK(r.expert_load == std::vector<int64_t>{2, 1, 0});
   }
-  SECTION("switch_passthrough = false: a token over capacity outputs 0 (transformers 5)") {
+  SECTION("switch_passthrough = false (the default): a token over capacity outputs 0") {
+    CHECK_FALSE(RouterConfig{}.switch_passthrough);
     c.expert_capacity = 2;
     c.switch_passthrough = false;
     const Routing r = route_logits(c, logits);

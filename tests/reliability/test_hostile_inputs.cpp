@@ -249,9 +249,9 @@ TEST_CASE("non-finite or huge scaling and capacity factors", "[reliability][host
   for (Family f : {Family::kDeepSeekV2, Family::kDeepSeekV3}) {
     write_bytes(c,
                 R"({"n_routed_experts":4,"num_experts_per_tok":2,"routed_scaling_factor":-1e300})");
-    CHECK_THAT(
-        error_of([&] { read_moe_config(c, f); }),
-        Contains(c.string()) && Contains("routed_scaling_factor -1e+300 is not a finite float"));
+    CHECK_THAT(error_of([&] { read_moe_config(c, f); }),
+               Contains(c.string()) &&
+                   Contains("'routed_scaling_factor' = -1e+300 is not a finite float"));
   }
 
   RouterConfig rc;

@@ -248,7 +248,8 @@ TEST_CASE("degenerate sizes: clear errors or defined results", "[reliability][nu
     test::TempDir dir;
     std::ofstream(dir / "config.json") << R"({"num_local_experts":4,"num_experts_per_tok":5})";
     CHECK_THAT(error_of([&] { read_moe_config(dir / "config.json", Family::kMixtral); }),
-               Contains("config.json") && Contains("num_experts_per_tok 5"));
+               Contains("config.json") &&
+                   Contains("num_experts_per_tok 5 must be between 1 and the 4 experts"));
   }
   SECTION("zero experts") {
     rc.num_experts = 0;

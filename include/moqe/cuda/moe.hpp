@@ -31,7 +31,8 @@ enum class ActType : uint8_t { kF16, kBF16 };
 struct DeviceLoadOptions {
   ActType act_type = ActType::kF16;
   GemmPath path = GemmPath::kAuto;
-  bool switch_passthrough = true;  // as LoadOptions::switch_passthrough
+  bool switch_passthrough = false;    // as LoadOptions::switch_passthrough
+  bool allow_unused_tensors = false;  // as LoadOptions::allow_unused_tensors
 };
 
 // The kept slots of a DeviceRouting grouped by expert (rows of one expert contiguous, in token
@@ -98,8 +99,9 @@ class MoELayer {
            ActType act = ActType::kF16);
   // From a checkpoint: routed and shared experts must be moqe-quantized (`moqe quantize`, whose
   // default --include covers the routed experts; name the shared ones to include them); an
-  // unquantized one is an error naming the tensor. Per-expert tensor names of every family;
-  // fused 3-D expert tensors are refused with a message.
+  // unquantized one is an error naming the tensor. Every expert layout of the family table
+  // (per-expert and fused tensors); a family whose routing or experts the device does not compute
+  // yet (docs/families.md says which) is refused with a message naming what is missing.
   static MoELayer load(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& config,
                        const DeviceLoadOptions& options = {});
 

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 
 #include "moqe/cuda/runtime.hpp"
 #include "moqe/moe/router.hpp"
@@ -37,6 +38,10 @@ struct DeviceRouteOptions {
   const int32_t* task_ids = nullptr;          // device [T]; task router, per token
   std::span<const int64_t> sequence_lengths;  // host; switch capacity per sequence (empty: one)
 };
+
+// Empty when the device router computes `config`'s routing, else what it lacks (the host router
+// runs every kind; DeviceRouter's constructor throws with this reason).
+std::string device_router_unsupported(const RouterConfig& config);
 
 class DeviceRouter {
  public:

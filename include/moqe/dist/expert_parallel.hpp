@@ -101,7 +101,8 @@ class ExpertParallelMoELayer {
   ExpertParallelMoELayer(std::shared_ptr<Communicator> comm, ExpertPlacement placement,
                          Router router, std::vector<std::shared_ptr<const ExpertMLP>> local_experts,
                          int64_t hidden, std::vector<SharedExpert> shared = {},
-                         std::optional<ResidualMLP> residual = {});
+                         std::optional<ResidualMLP> residual = {},
+                         std::vector<float> output_bias = {});
   // This rank's part of a layer built in memory (the weights are shared with it, not copied).
   static ExpertParallelMoELayer from_layer(const MoELayer& layer,
                                            std::shared_ptr<Communicator> comm,
@@ -134,8 +135,12 @@ class ExpertParallelMoELayer {
   ExpertPlacement placement_;
   Router router_;
   ExpertGroup experts_;
+  WeightPlacement weight_placement() const {
+    return router_.config().scale_input ? WeightPlacement::kInput : WeightPlacement::kOutput;
+  }
   std::vector<SharedExpert> shared_;
   std::optional<ResidualMLP> residual_;
+  std::vector<float> output_bias_;
   int64_t hidden_ = 0;
   int64_t max_dense_intermediate_ = 0;
   std::vector<int32_t> bucket_;  // expert -> position in rank-by-rank order

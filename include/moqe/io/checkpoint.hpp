@@ -20,16 +20,19 @@ class Checkpoint {
   // model.safetensors.index.json files larger than this are refused (real ones hold ~10 MB).
   static constexpr uint64_t kMaxIndexBytes = 100'000'000;
 
-  // `path` is a .safetensors file, a model.safetensors.index.json, or a directory holding either
-  // an index (sharded) or .safetensors files (all are opened; a tensor name present in two files
-  // is an error naming both). A shard named by the index but missing is an error naming the
-  // shard and the index; so is a tensor the index places in a shard that does not hold it. Shard
-  // paths must be relative and stay inside the index's directory. Tensors a shard holds but the
-  // index does not list are still accessible.
+  // `path` is a .safetensors file, a model.safetensors.index.json, or a directory holding one of
+  // them: the index and its shards (sharded), else model.safetensors. Other .safetensors files in
+  // the directory are not read (ignored() lists them); a directory with neither is an error
+  // listing what it holds. A tensor name present in two shards is an error naming both; so is a
+  // shard named by the index but missing, and a tensor the index places in a shard that does not
+  // hold it. Shard paths must be relative and stay inside the index's directory. Tensors a shard
+  // holds but the index does not list are still accessible.
   explicit Checkpoint(const std::filesystem::path& path);
 
   const std::filesystem::path& path() const { return path_; }
   const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
+  // The .safetensors files of a directory input that are not part of the checkpoint.
+  const std::vector<std::filesystem::path>& ignored() const { return ignored_; }
   // All tensor names, sorted.
   std::vector<std::string> tensor_names() const;
   size_t size() const { return where_.size(); }
@@ -49,6 +52,7 @@ class Checkpoint {
   void add_file(const std::filesystem::path& file);
   std::filesystem::path path_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<std::filesystem::path> ignored_;
   std::map<std::string, size_t, std::less<>> where_;  // tensor name -> index in files_
   std::map<std::string, std::string> metadata_;
 };

@@ -7,11 +7,13 @@
 #include <filesystem>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "moqe/io/checkpoint.hpp"
+#include "moqe/io/quantized_format.hpp"
 #include "moqe/quant/adaptive.hpp"
 
 namespace moqe {
@@ -24,10 +26,16 @@ enum class GroupPolicy {
   kAdaptive,    // moqe's adaptive rule (quant/adaptive.hpp)
 };
 
-// Expert weights of the known MoE families (Mixtral w1/w2/w3, Qwen2/3-MoE, OLMoE and DeepSeek
-// gate/up/down_proj, Switch wi/wo). Routers, norms, embeddings, attention and shared experts do
-// not match.
+// Expert weights of every MoE family (docs/families.md): per-expert matrices (w1/w2/w3,
+// gate/up/down_proj, Switch wi/wo) and fused expert tensors (experts.gate_up_proj/down_proj,
+// input_linear/output_linear, DBRX's experts.mlp.w1/v1/w2). Routers, biases, norms, embeddings,
+// attention and shared experts do not match.
 std::string_view default_include_regex();
+
+// How a fused expert tensor holds its experts (moe/loader.hpp's expert_stack for the checkpoint's
+// family), or nullopt for a plain tensor.
+using ExpertStackFn = std::function<std::optional<ExpertStack>(std::string_view name,
+                                                               std::span<const int64_t> shape)>;
 
 struct ConvertOptions {
   int bits = 4;
@@ -39,6 +47,9 @@ struct ConvertOptions {
   std::string include_regex{default_include_regex()};  // ECMAScript, searched in the name
   std::string exclude_regex;                           // empty: exclude nothing
   int num_threads = 0;
+  // Fused expert tensors that match are quantized per expert; without this function (no
+  // config.json says the family), a matching fused tensor is an error naming it.
+  ExpertStackFn expert_stack;
 };
 
 struct TensorReport {
@@ -74,7 +85,7 @@ using ProgressFn = std::function<void(const ConvertProgress&)>;
 
 // Quantizes `input` into `output` (one safetensors file, written atomically). Throws moqe::Error
 // (and leaves no output) on any failure: a bad regex, a NaN weight, a group size that does not
-// divide K, an unreadable tensor.
+// divide K, an unreadable tensor, a fused expert tensor of unknown layout, no tensor matched.
 ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem::path& output,
                                   const ConvertOptions& options, const ProgressFn& progress = {});
 

@@ -13,7 +13,8 @@
 namespace moqe {
 
 struct SyntheticMoeSpec {
-  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v2 | deepseek_v3 | switch
+  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v2 | deepseek_v3 | switch (or
+  // switch_transformers)
   std::string family = "mixtral";
   int64_t hidden = 1024;
   int64_t intermediate = 3584;  // per expert

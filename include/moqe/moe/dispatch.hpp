@@ -47,12 +47,17 @@ class DispatchPlan {
   std::vector<int64_t> slot_row_;   // [T * slots]
 };
 
-// xe[row] = x[row_token[row]] for every row of the plan.
+// Where a slot's routing weight applies: to the expert's output (every family but one) or to its
+// input (Llama 4: the expert sees weight * x, and its output is summed unweighted).
+enum class WeightPlacement : uint8_t { kOutput, kInput };
+
+// xe[row] = x[row_token[row]] for every row of the plan (times the row's weight for kInput).
 void gather_rows(const DispatchPlan& plan, MatrixView<const float> x, MatrixView<float> xe,
-                 int num_threads = 0);
-// y[t] = sum over the kept slots j of t, in slot order, of weight * ye[row(t, j)]; rows of tokens
-// with no kept slot are set to 0. Deterministic whatever the thread count.
+                 int num_threads = 0, WeightPlacement placement = WeightPlacement::kOutput);
+// y[t] = sum over the kept slots j of t, in slot order, of weight * ye[row(t, j)] (kInput: of
+// ye[row(t, j)]); rows of tokens with no kept slot are set to 0. Deterministic whatever the thread
+// count.
 void combine_rows(const DispatchPlan& plan, MatrixView<const float> ye, MatrixView<float> y,
-                  int num_threads = 0);
+                  int num_threads = 0, WeightPlacement placement = WeightPlacement::kOutput);
 
 }  // namespace moqe

@@ -17,11 +17,18 @@
 
 namespace moqe {
 
+// How a shared expert's output joins the routed experts' sum y.
+enum class SharedCombine : uint8_t {
+  kAdd,      // y + shared
+  kAverage,  // (y + shared) / 2 (Cohere2-MoE's "average" strategy)
+};
+
 // An expert every token passes through. With a gate vector g [H] (Qwen2-MoE) its output is
 // scaled by sigmoid(g . x); without one (DeepSeek) it is added as is.
 struct SharedExpert {
   std::shared_ptr<const ExpertMLP> mlp;
   std::vector<float> gate;  // [H] or empty
+  SharedCombine combine = SharedCombine::kAdd;
 };
 
 // PR-MoE (DeepSpeed-MoE): a fixed dense MLP beside the experts; the outputs are mixed by
@@ -62,8 +69,10 @@ class MoELayer {
   using RunOptions = MoeRunOptions;
 
   MoELayer() = default;
+  // output_bias [H] (JetMoE) is added to every active token's output; empty: none.
   MoELayer(Router router, std::vector<std::shared_ptr<const ExpertMLP>> experts,
-           std::vector<SharedExpert> shared = {}, std::optional<ResidualMLP> residual = {});
+           std::vector<SharedExpert> shared = {}, std::optional<ResidualMLP> residual = {},
+           std::vector<float> output_bias = {});
 
   const Router& router() const { return router_; }
   int64_t hidden() const { return hidden_; }
@@ -75,6 +84,7 @@ class MoELayer {
   const ExpertGroup& expert_group() const { return experts_; }
   const std::vector<SharedExpert>& shared_experts() const { return shared_; }
   const std::optional<ResidualMLP>& residual() const { return residual_; }
+  const std::vector<float>& output_bias() const { return output_bias_; }
   LayerStats stats() const;
 
   Workspace make_workspace(int64_t max_tokens) const;
@@ -93,6 +103,7 @@ class MoELayer {
   ExpertGroup experts_;
   std::vector<SharedExpert> shared_;
   std::optional<ResidualMLP> residual_;
+  std::vector<float> output_bias_;
   int64_t hidden_ = 0;
   int64_t max_dense_intermediate_ = 0;  // of the shared experts and the residual MLP
 };

@@ -1,7 +1,9 @@
-// Top-k gating routers for every major MoE family (DESIGN.md section 3): softmax top-k (Switch,
-// Qwen2/3-MoE, OLMoE), Mixtral, DeepSeek-V2 (greedy / group-limited), DeepSeek-V3 (sigmoid,
-// correction bias, group top-2), Switch (top-1, per-sequence capacity), task routing (Task-MoE)
-// and expert choice. Logits are computed in fp32; ties go to the lower expert index.
+// Top-k gating routers for every MoE family of transformers (docs/routing.md): softmax top-k,
+// Mixtral, DeepSeek-V2 (greedy / group-limited), DeepSeek-V3-style sigmoid routing (correction
+// bias, group top-2), top-k of the logits with a softmax or sigmoid over the chosen (gpt-oss,
+// Granite-MoE, Llama 4, ...), Phi-3.5-MoE's sparsemixer, Switch (top-1, per-sequence capacity),
+// task routing (Task-MoE) and expert choice. Logits are computed in fp32; ties go to the lower
+// expert index.
 #pragma once
 
 #include <cstdint>
@@ -16,14 +18,21 @@
 namespace moqe {
 
 enum class RouterKind : uint8_t {
-  kSoftmaxTopK,   // p = softmax(logits); top-k of p; renormalized iff norm_topk_prob
+  kSoftmaxTopK,   // p = softmax(logits); top-k of p (+ correction_bias when given); weights p,
+                  // renormalized iff norm_topk_prob
   kMixtral,       // softmax_topk with renormalization always on
   kDeepSeekV2,    // softmax; greedy or group-limited greedy; times routed_scaling_factor (never
                   // renormalized, as transformers does: norm_topk_prob is ignored)
-  kDeepSeekV3,    // sigmoid + correction bias for selection, group top-2 scoring
-  kSwitch,        // softmax top-1, per-sequence expert capacity, dropped tokens pass through
+  kDeepSeekV3,    // s = sigmoid(logits); top-k of s + correction bias within the topk_group best
+                  // groups (scored by their top 2); weights s, renormalized iff norm_topk_prob,
+                  // times routed_scaling_factor (n_group = 1: no group limit)
+  kSwitch,        // softmax top-1, per-sequence expert capacity, dropped tokens output 0 or pass
   kTask,          // a task id selects fixed experts and weights (Task-MoE)
   kExpertChoice,  // each expert takes its top tokens
+  kTopKSoftmax,   // top-k of the logits; weights = softmax over the chosen logits
+  kTopKSigmoid,   // top-k of the logits; weights = sigmoid of each, renormalized iff norm_topk_prob
+  kSparseMixer,   // Phi-3.5-MoE's sparsemixer (inference): two experts, each weighted by its
+                  // share of a softmax over the logits within jitter_eps of it (top_k is 2)
 };
 
 std::string_view to_string(RouterKind kind);
@@ -47,15 +56,27 @@ struct RouterConfig {
   int64_t n_group = 1;
   int64_t topk_group = 1;
   float routed_scaling_factor = 1.0f;
-  std::vector<float> correction_bias;  // deepseek_v3: [E], added for selection only
+  std::vector<float> correction_bias;  // [E], added for selection only (deepseek_v3, softmax_topk)
+  // Added to every logit (gpt-oss, Switch with router_bias); empty: none.
+  std::vector<float> router_bias;
+  // Renormalization (norm_topk_prob, and kMixtral): w /= max(sum + norm_epsilon, norm_min), or by
+  // the norm_p-norm of the chosen weights when norm_p != 1 (DBRX's moe_normalize_expert_weights).
+  // 1e-20 is DeepSeek-V3's epsilon; it cannot change a sum above 1e-12 (the families without one).
+  float norm_epsilon = 1e-20f;
+  float norm_min = 0.0f;  // ERNIE 4.5's moe_norm_min
+  float norm_p = 1.0f;
+  // kSparseMixer: a logit l is masked when (max - l) / max(|l|, max) > 2 jitter_eps.
+  float jitter_eps = 0.01f;
+  // Llama 4: the routing weight scales the expert's input instead of its output.
+  bool scale_input = false;
   // Capacity. Switch: expert_capacity tokens per expert per sequence (0: unlimited). Expert
   // choice: tokens per expert (0: ceil(T * top_k / E)). Any other router: capacity_factor > 0
   // admits ceil(capacity_factor * T * top_k / E) slots per expert, in token order.
   int64_t expert_capacity = 0;
   double capacity_factor = 0;
-  // Switch: a token over capacity outputs p_max * x (DESIGN.md, transformers 4.x) when true, or 0
-  // (transformers 5.x, where only the model's residual carries it) when false.
-  bool switch_passthrough = true;
+  // Switch: a token over capacity outputs 0 (transformers 5.x, where only the model's residual
+  // carries it) by default, or p_max * x (transformers 4.x) when true.
+  bool switch_passthrough = false;
   // Task routing: tasks[id].
   std::vector<TaskRoute> tasks;
 };

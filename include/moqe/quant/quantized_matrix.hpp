@@ -31,6 +31,11 @@ class QuantizedMatrix {
   static QuantizedMatrix concat_rows(const QuantizedMatrix& a, const QuantizedMatrix& b,
                                      std::string_view name = "matrix");
 
+  // Rows first, first + step, ... (count of them) as a matrix of their own (groups never cross
+  // rows): gpt-oss's interleaved gate and up rows, or one expert's rows of a stacked matrix.
+  QuantizedMatrix take_rows(int64_t first, int64_t count, int64_t step = 1,
+                            std::string_view name = "matrix") const;
+
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   int64_t numel() const { return rows_ * cols_; }
