@@ -16,6 +16,9 @@ or fused 3-D) and config.json are transformers' own; the case keeps the layer's 
     <out>/<case>/config.json           as save_pretrained wrote it
     <out>/<case>/x.safetensors         x F32 [T, H]
     <out>/<case>/expected.safetensors  y F32 [T, H], topk_ids I32 [T, k], topk_weights F32 [T, k]
+    <out>/<case>-fused/...             mixtral and deepseek_v3: the same layer with the experts in
+                                        transformers 5's fused layout (experts.gate_up_proj
+                                        [E, 2I, H], experts.down_proj [E, H, I])
     <out>/cases.json                   case -> family, prefix, k, transformers version, note
 
 A seed is kept only when the routing is robust: three runs with the router weights perturbed by
@@ -203,12 +206,12 @@ FAMILY = {
 FAMILIES = list(FAMILY)
 
 
-def _case(name, family, note, **over):
-    return dict(name=name, family=family, note=note, over=over)
+def _case(name, family, note, fused=False, **over):
+    return dict(name=name, family=family, note=note, over=over, fused=fused)
 
 
 CASES = [
-    _case("mixtral", "mixtral", "softmax top-2, renormalized"),
+    _case("mixtral", "mixtral", "softmax top-2, renormalized", fused=True),
     _case("minimax", "minimax", "Mixtral routing"),
     _case("qwen2_moe", "qwen2_moe", "norm_topk_prob false, shared expert with sigmoid gate"),
     _case("qwen2_moe-norm", "qwen2_moe", "norm_topk_prob true", norm_topk_prob=True),
@@ -227,7 +230,8 @@ CASES = [
           n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0),
     _case("deepseek_v2-mlp_bias", "deepseek_v2", "mlp_bias: the shared experts have biases",
           mlp_bias=True, topk_method="greedy"),
-    _case("deepseek_v3", "deepseek_v3", "sigmoid, correction bias, 2 groups keep 1, x2.5"),
+    _case("deepseek_v3", "deepseek_v3", "sigmoid, correction bias, 2 groups keep 1, x2.5",
+          fused=True),
     _case("deepseek_v3-nonorm", "deepseek_v3", "norm_topk_prob false, x1.5",
           norm_topk_prob=False, routed_scaling_factor=1.5),
     _case("glm4_moe", "glm4_moe", "DeepSeek-V3 routing, GLM defaults"),
@@ -447,6 +451,18 @@ def generate_case(out_dir, case):
     st_save(os.path.join(d, "x.safetensors"), {"x": x.numpy()})
     st_save(os.path.join(d, "expected.safetensors"),
             {"y": y, "topk_ids": ids, "topk_weights": w})
+    if case["fused"]:
+        # The same layer with its experts as transformers 5 holds them in memory:
+        # experts.gate_up_proj [E, 2I, H] (gate rows first) and experts.down_proj [E, H, I].
+        fd = d + "-fused"
+        os.makedirs(fd, exist_ok=True)
+        per_expert = prefix + ".experts."
+        fused = {k: v for k, v in bf.items() if not k.startswith(per_expert)}
+        for n in ("gate_up_proj", "down_proj"):
+            fused[per_expert + n] = getattr(block.experts, n).detach().to(torch.bfloat16).clone()
+        save_file(fused, os.path.join(fd, "model.safetensors"), metadata={"format": "pt"})
+        for f in ("config.json", "x.safetensors", "expected.safetensors"):
+            shutil.copy(os.path.join(d, f), os.path.join(fd, f))
     dropped = 0
     if fam == "switch_transformers":
         dropped = int(np.sum(np.all(y == 0, axis=1)))
@@ -473,6 +489,9 @@ def generate(out_dir, families, quiet=False):
     for case in case_list(families):
         meta = generate_case(out_dir, case)
         index[case["name"]] = meta
+        if case["fused"]:
+            index[case["name"] + "-fused"] = dict(meta, note=meta["note"] + "; transformers 5's "
+                                                  "fused experts.gate_up_proj / down_proj")
         if not quiet:
             extra = f", {meta['dropped']} dropped" if meta["dropped"] else ""
             print(f"  wrote {case['name']:32s} k={meta['k']} tensors={meta['tensors']}{extra}")

@@ -44,6 +44,54 @@ QuantScheme scheme_for(const ConvertOptions& o, const std::string& name, int64_t
   return s;
 }
 
+// The adaptive rule (quant/adaptive.hpp) for a fused expert tensor: e(G) over all its experts'
+// weights together, so that one group size serves every expert.
+int64_t choose_stack_group(const Checkpoint& input, const std::string& name,
+                           const ExpertStack& stack, const QuantScheme& base,
+                           const ConvertOptions& o) {
+  std::vector<int64_t> sizes;
+  int64_t k = 0;
+  {
+    const DenseWeight w0 = load_expert_f32(input, name, stack, 0);
+    k = w0.cols;
+    for (int64_t c : o.adaptive.candidates) {
+      QuantScheme s = base;
+      s.group_size = c;
+      if (check_scheme(s, k).empty()) sizes.push_back(s.resolved_group_size(k));
+    }
+  }
+  std::sort(sizes.begin(), sizes.end(), std::greater<>());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  MOQE_CHECK(!sizes.empty(), "tensor '{}': no candidate group size divides K = {}", name, k);
+  std::vector<double> err2(sizes.size(), 0.0);
+  double ref2 = 0;
+  for (int64_t e = 0; e < stack.experts; ++e) {
+    const DenseWeight w = load_expert_f32(input, name, stack, e);
+    const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
+    check_finite(view, fmt::format("{} (expert {})", name, e), o.num_threads);
+    double a2 = 0;
+    for (const float v : w.values) a2 += double(v) * v;
+    ref2 += a2;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      QuantScheme s = base;
+      s.group_size = sizes[i] == k ? kPerChannel : sizes[i];
+      const double rel = relative_error(view, s, o.num_threads);
+      err2[i] += rel * rel * a2;
+    }
+  }
+  auto rel = [&](size_t i) { return ref2 > 0 ? std::sqrt(err2[i] / ref2) : 0.0; };
+  const double threshold = o.adaptive.error_budget ? *o.adaptive.error_budget
+                                                   : (1.0 + o.adaptive.tau) * rel(sizes.size() - 1);
+  int64_t chosen = sizes.back();
+  for (size_t i = 0; i < sizes.size(); ++i) {  // largest G first
+    if (rel(i) <= threshold) {
+      chosen = sizes[i];
+      break;
+    }
+  }
+  return chosen == k ? kPerChannel : chosen;
+}
+
 void copy_metadata(const Checkpoint& input, SafetensorsWriter& writer, bool keep_moqe) {
   for (const auto& [key, value] : input.metadata()) {
     if (!keep_moqe && key.starts_with("moqe.")) continue;
@@ -129,14 +177,19 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
                  input.path().string(), name, t.describe());
       std::vector<QuantizedMatrix> experts;
       double err2 = 0, ref2 = 0, max_abs = 0;
+      // One scheme for all the experts of a fused tensor: the adaptive rule weighs every
+      // expert's error together.
+      QuantScheme scheme = scheme_for(o, name, load_expert_f32(input, name, *stack, 0).cols);
+      if (o.group_policy == GroupPolicy::kAdaptive) {
+        scheme.group_size = choose_stack_group(input, name, *stack, scheme, o);
+        r.note = fmt::format("adaptive over the {} experts", stack->experts);
+      }
       for (int64_t e = 0; e < stack->experts; ++e) {
         const DenseWeight w = load_expert_f32(input, name, *stack, e);
         const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
         const std::string what = fmt::format("{} (expert {})", name, e);
         const QuantizeOptions qo{o.num_threads, what};
-        // Every expert of a fused tensor shares one scheme (one group size), so the adaptive
-        // policy keeps its per-channel start here: the group size must be the same for all.
-        QuantizedMatrix q = quantize(view, scheme_for(o, what, w.cols), qo);
+        QuantizedMatrix q = quantize(view, scheme, qo);
         const ErrorStats es = quantization_error(view, q, o.num_threads);
         double n2 = 0;
         for (const float v : w.values) n2 += double(v) * v;
@@ -153,7 +206,8 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
       r.error.sqnr_db = err2 > 0 ? 10 * std::log10(ref2 / err2) : INFINITY;
       for (const QuantizedMatrix& q : experts) r.bytes_out += q.storage_bytes();
       r.bits_per_weight = 8.0 * static_cast<double>(r.bytes_out) / static_cast<double>(t.numel());
-      r.note = fmt::format("{} experts{}", stack->experts, stack->transposed ? ", transposed" : "");
+      r.note = fmt::format("{}{} experts{}", r.note.empty() ? "" : r.note + "; ", stack->experts,
+                           stack->transposed ? ", transposed" : "");
       add_quantized_experts(writer, name, experts, *stack, t.shape);
       report.quantized_count++;
       report.quantized_bytes_in += r.bytes_in;

@@ -18,10 +18,12 @@
 #include <vector>
 
 #include "cuda/require_device.hpp"
+#include "moe/family_fixtures.hpp"
 #include "moqe/cuda/moe.hpp"
 #include "moqe/cuda/runtime.hpp"
 #include "moqe/io/convert.hpp"
 #include "moqe/io/synthetic.hpp"
+#include "moqe/moe/loader.hpp"
 #include "test_util.hpp"
 
 using namespace moqe;
@@ -233,4 +235,83 @@ TEST_CASE("cuda moe: unquantized experts are refused with the tensor's name", "[
   CHECK_THROWS_WITH(
       cuda::MoELayer::load(ckpt, synthetic_moe_prefix(s), config),
       Catch::Contains("experts.0.w3.weight' is BF16") && Catch::Contains("moqe quantize"));
+}
+
+namespace {
+
+// The fixture cases quantized at 4 bits (per channel), routed and shared experts, with the
+// family's config.
+struct QuantizedFixture {
+  test::FixtureCase c;
+  MoeConfig config;
+  std::filesystem::path weights;
+};
+
+QuantizedFixture quantize_fixture(const test::FixtureCase& c, const test::TempDir& dir) {
+  QuantizedFixture q{c, read_moe_config(c.dir / "config.json"), dir / (c.name + ".safetensors")};
+  ConvertOptions o;
+  o.bits = 4;
+  o.group_policy = GroupPolicy::kPerChannel;
+  o.include_regex =
+      std::string(default_include_regex()) +
+      R"(|\.(shared_experts?|shared_mlp)\.(gate_proj|up_proj|down_proj|input_linear|output_linear)\.weight$)";
+  o.expert_stack = [&](std::string_view name, std::span<const int64_t> shape) {
+    return expert_stack(q.config, name, shape);
+  };
+  quantize_checkpoint(Checkpoint(c.dir / "model.safetensors"), q.weights, o);
+  return q;
+}
+
+// What the device layer does not compute yet, per fixture case (docs/families.md).
+bool device_refuses(const std::string& name) {
+  for (const char* p : {"gpt_oss", "llama4_text", "granitemoe", "jetmoe", "cohere2_moe", "phimoe",
+                        "ernie4_5_moe", "deepseek_v2-mlp_bias"}) {
+    if (name.starts_with(p)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("cuda moe: families the device does not compute yet are refused by name",
+          "[cuda][moe][families]") {
+  // No device needed: the refusal comes before anything is uploaded.
+  test::TempDir dir;
+  for (const test::FixtureCase& c : test::fixture_cases()) {
+    if (!device_refuses(c.name)) continue;
+    CAPTURE(c.name);
+    const QuantizedFixture q = quantize_fixture(c, dir);
+    CHECK_THROWS_WITH(cuda::MoELayer::load(Checkpoint(q.weights), c.prefix, q.config),
+                      Catch::Contains("not implemented on the device yet"));
+  }
+}
+
+TEST_CASE("cuda moe: the transformers families on the device match the CPU layer",
+          "[cuda][moe][families]") {
+  MOQE_REQUIRE_DEVICE();
+  test::TempDir dir;
+  for (const test::FixtureCase& c : test::fixture_cases()) {
+    if (device_refuses(c.name)) continue;
+    CAPTURE(c.name);
+    const QuantizedFixture q = quantize_fixture(c, dir);
+    const Checkpoint ckpt(q.weights);
+    const test::Expected e = test::expected(c);
+    const MoELayer host = load_moe_layer(ckpt, c.prefix, q.config);
+    std::vector<float> want(e.x.size());
+    auto hws = host.make_workspace(e.t);
+    host.run(MatrixView<const float>(e.x.data(), e.t, e.h),
+             MatrixView<float>(want.data(), e.t, e.h), hws);
+    const cuda::MoELayer dev = cuda::MoELayer::load(ckpt, c.prefix, q.config);
+    auto ws = dev.make_workspace(e.t);
+    const size_t bytes = e.x.size() * sizeof(float);
+    cuda::DeviceBuffer dx(bytes), dy(bytes);
+    dx.upload(std::span<const float>(e.x));
+    dev.run(dx.as<float>(), dy.as<float>(), e.t, ws);
+    std::vector<float> got(e.x.size());
+    dy.download(std::span<float>(got));
+    Routing r;
+    cuda::download(ws.routing, r);
+    CHECK(r.ids == hws.routing.ids);
+    CHECK(test::rel_err(got, want) < 1.0 / 512);  // two fp16 roundings (see the top of the file)
+  }
 }

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "cli/cli_util.hpp"
+#include "moe/family_fixtures.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/io/convert.hpp"
 #include "moqe/io/quantized_format.hpp"
@@ -18,78 +19,10 @@
 #include "test_util.hpp"
 
 using namespace moqe;
+using namespace moqe::test;
 namespace fs = std::filesystem;
 
 namespace {
-
-const fs::path kFixtures = MOQE_FAMILY_FIXTURES;
-
-struct FixtureCase {
-  std::string name, family, prefix;
-  int64_t k = 0;
-  fs::path dir;
-};
-
-std::vector<FixtureCase> fixture_cases() {
-  std::ifstream f(kFixtures / "cases.json");
-  REQUIRE(f.good());
-  const nlohmann::json j = nlohmann::json::parse(f);
-  std::vector<FixtureCase> out;
-  for (const auto& [name, meta] : j.at("cases").items()) {
-    out.push_back({name, meta.at("family").get<std::string>(), meta.at("prefix").get<std::string>(),
-                   meta.at("k").get<int64_t>(), kFixtures / name});
-  }
-  return out;
-}
-
-struct Expected {
-  int64_t t = 0, h = 0, k = 0;
-  std::vector<float> x, y, weights;
-  std::vector<int32_t> ids;
-};
-
-Expected expected(const FixtureCase& c) {
-  Expected e;
-  const Checkpoint x(c.dir / "x.safetensors");
-  e.x = x.to_float("x");
-  e.t = x.info("x").shape[0];
-  e.h = x.info("x").shape[1];
-  const Checkpoint r(c.dir / "expected.safetensors");
-  e.y = r.to_float("y");
-  e.weights = r.to_float("topk_weights");
-  e.k = r.info("topk_ids").shape[1];
-  const auto b = r.bytes("topk_ids");
-  e.ids.resize(b.size() / 4);
-  std::memcpy(e.ids.data(), b.data(), b.size());
-  return e;
-}
-
-double rel_err(std::span<const float> got, std::span<const float> ref) {
-  double e = 0, n = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    e += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
-    n += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(e / std::max(n, 1e-300));
-}
-
-// transformers' ids per token as sets, and each chosen expert's weight (within 1e-5 relative).
-void check_routing(const Expected& e, std::span<const int32_t> ids,
-                   std::span<const float> weights) {
-  for (int64_t t = 0; t < e.t; ++t) {
-    std::map<int32_t, float> want, got;
-    for (int64_t j = 0; j < e.k; ++j) {
-      want[e.ids[t * e.k + j]] = e.weights[t * e.k + j];
-      got[ids[t * e.k + j]] = weights[t * e.k + j];
-    }
-    CAPTURE(t);
-    REQUIRE(got.size() == want.size());
-    for (const auto& [id, w] : want) {
-      REQUIRE(got.count(id) == 1);
-      CHECK(got[id] == Approx(w).epsilon(1e-5));
-    }
-  }
-}
 
 std::vector<float> run_layer(const MoELayer& layer, const Expected& e, Routing* routing = nullptr) {
   std::vector<float> y(e.x.size());
@@ -123,14 +56,6 @@ void write_variant(const FixtureCase& c, const fs::path& dir, const std::set<std
   nlohmann::json j = nlohmann::json::parse(in);
   if (edit) edit(j);
   std::ofstream(dir / "config.json") << j.dump(1);
-}
-
-const FixtureCase& find_case(const std::vector<FixtureCase>& cases, const std::string& name) {
-  for (const FixtureCase& c : cases) {
-    if (c.name == name) return c;
-  }
-  FAIL("no fixture case " << name);
-  return cases.front();
 }
 
 }  // namespace
@@ -322,6 +247,17 @@ TEST_CASE("quantize: fused expert tensors need their family, and a run that matc
   CHECK(stored_scheme(q, c.prefix + ".experts.gate_up_proj").stack.transposed);
   CHECK(stored_scheme(q, c.prefix + ".experts.gate_up_proj").stack.experts == 4);
   CHECK_FALSE(is_quantized(q, c.prefix + ".experts.gate_up_proj_bias"));
+  // Adaptive group sizes: one for all the experts of a fused tensor.
+  r = test::moqe_cli(dir, "quantize --bits 4 --quiet --group-size adaptive --input " +
+                              c.dir.string() + " --output " + (dir / "a.safetensors").string());
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const Checkpoint a(dir / "a.safetensors");
+  for (const char* n : {".experts.gate_up_proj", ".experts.down_proj"}) {
+    const StoredScheme s = stored_scheme(a, c.prefix + n);
+    CHECK(s.stack.experts == 4);
+    CHECK(s.cols % s.scheme.resolved_group_size(s.cols) == 0);
+  }
   r = test::moqe_cli(dir, "quantize --bits 4 --quiet --include nothing-matches --input " +
                               c.dir.string() + " --output " + (dir / "none.safetensors").string());
   CHECK(r.status == 1);
