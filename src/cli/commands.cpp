@@ -368,7 +368,7 @@ void add_moe_forward(CLI::App& app, Action& action) {
     std::string weights, prefix, family = "auto", config, input, output, device = "cpu";
     std::string switch_dropped = "zero", numerics = "exact", output_dtype = "same";
     int threads = 0;
-    int64_t chunk = 4096;
+    int64_t chunk = 1024;
     bool override_family = false, allow_unused = false;
   };
   auto o = std::make_shared<Opts>();
