@@ -75,6 +75,20 @@ TEST_CASE("every family of transformers 5 matches its own MoE block, from config
       const std::vector<float> y = run_layer(layer, e, &r);
       check_routing(e, r.ids, r.weights);
       CHECK(rel_err(y, e.y) < 1e-5);
+      // The same weights stored as F32 (the fixtures store them as BF16, exactly).
+      test::TempDir dir;
+      const Checkpoint bf(c.dir / "model.safetensors");
+      SafetensorsWriter w;
+      for (const std::string& n : bf.tensor_names()) {
+        const std::vector<float> v = bf.to_float(n);
+        w.add_values<float>(n, DType::kF32, bf.info(n).shape, std::span<const float>(v));
+      }
+      w.write(dir / "f32.safetensors");
+      Routing r32;
+      const std::vector<float> y32 =
+          run_layer(load_moe_layer(Checkpoint(dir / "f32.safetensors"), c.prefix, config), e, &r32);
+      check_routing(e, r32.ids, r32.weights);
+      CHECK(rel_err(y32, e.y) < 1e-5);
     }
     families.insert(c.family);
   }
