@@ -2,6 +2,9 @@
 // rotates among enough copies of W to exceed 512 MiB, far beyond the last-level cache, as in
 // decoding where each layer's weights are read once per token). bytes_per_second counts weight
 // bytes; items_per_second counts tokens (rows of x).
+// BM_GemvIsa/<weights>/<N>x<K>/isa:<level>/batch:<M> (M = 1, 4): the decode kernels of each level
+// this CPU has (AVX2, and AVX-512 / AVX-512 VNNI where present) side by side in one run, forced
+// with an explicit cap: the measurements behind the default choice (docs/kernels.md).
 // BM_GemvHot/<weights>/2048x4096/batch:<M> (M = 1, 4, 8, 16): the same on one thread with one
 // copy of W that stays in the caches (4-16 MB): the kernels' instruction throughput, free of the
 // memory system's noise (the figure to compare when changing a kernel's inner loop);
@@ -13,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <moqe/moqe.hpp>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -28,7 +32,8 @@ struct Weights {
   moqe::QuantScheme scheme;  // bits == 0: unquantized
   moqe::DType dense = moqe::DType::kF32;
   bool eigen = false;
-  bool fast = false;  // fast mode: int8 activations
+  bool fast = false;                               // fast mode: int8 activations
+  std::optional<moqe::CpuIsa> isa = std::nullopt;  // an explicit cap while building the layer
 };
 
 const std::vector<Weights>& weight_kinds() {
@@ -86,7 +91,8 @@ moqe::QuantizedLinear make_layer(const Weights& kind, const std::vector<float>& 
 
 Copies& copies(const Weights& kind, int64_t n, int64_t k) {
   static std::map<std::string, std::unique_ptr<Copies>> cache;
-  const std::string key = kind.name + std::to_string(n) + "x" + std::to_string(k);
+  const std::string key = kind.name + std::to_string(n) + "x" + std::to_string(k) +
+                          (kind.isa ? std::string(moqe::to_string(*kind.isa)) : "");
   auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
   cache.clear();  // one shape at a time keeps memory bounded
@@ -97,7 +103,10 @@ Copies& copies(const Weights& kind, int64_t n, int64_t k) {
     const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
     for (int64_t i = 0; i < count; ++i) c->eigen.push_back(w);
   } else {
+    const std::optional<moqe::CpuIsa> previous = moqe::cpu_isa_cap();
+    if (kind.isa) moqe::set_cpu_isa_cap(kind.isa);
     const moqe::QuantizedLinear base = make_layer(kind, w, n, k, &c->fast_error);
+    moqe::set_cpu_isa_cap(previous);
     c->bytes = base.weight_bytes();
     const int64_t count = std::max<int64_t>(2, (kColdBytes + c->bytes - 1) / c->bytes);
     for (int64_t i = 0; i < count; ++i) c->layers.push_back(base.clone());
@@ -189,6 +198,28 @@ const bool registered = [] {
           ->Arg(8)
           ->Arg(64)
           ->Unit(benchmark::kMillisecond);
+    }
+  }
+  // The decode kernels of every level this CPU has, adjacent so that they run side by side.
+  const std::pair<int64_t, int64_t> decode_shapes[] = {{14336, 4096}, {4096, 14336}};
+  for (const auto& [n, k] : decode_shapes) {
+    for (const Weights& base : weight_kinds()) {
+      if (base.scheme.bits == 0) continue;
+      std::vector<moqe::CpuIsa> levels = {moqe::CpuIsa::kAvx2};
+      const moqe::CpuIsa wide = base.fast ? moqe::CpuIsa::kAvx512Vnni : moqe::CpuIsa::kAvx512;
+      if (moqe::best_cpu_isa() >= wide) levels.push_back(wide);
+      if (moqe::best_cpu_isa() < moqe::CpuIsa::kAvx2) continue;
+      for (const moqe::CpuIsa level : levels) {
+        Weights kind = base;
+        kind.isa = level;
+        const std::string name = "BM_GemvIsa/" + kind.name + "/" + std::to_string(n) + "x" +
+                                 std::to_string(k) + "/isa:" + std::string(moqe::to_string(level));
+        benchmark::RegisterBenchmark(name.c_str(), BM_Gemv, kind, n, k)
+            ->ArgName("batch")
+            ->Arg(1)
+            ->Arg(4)
+            ->Unit(benchmark::kMillisecond);
+      }
     }
   }
   for (const Weights& kind : weight_kinds()) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,13 +18,16 @@ namespace moqe::test {
 // whose summation order is the reference's).
 class ScopedCpuIsa {
  public:
-  explicit ScopedCpuIsa(CpuIsa cap) : previous_(cpu_isa_cap()) { set_cpu_isa_cap(cap); }
+  // nullopt: no cap (each kernel family's measured default).
+  explicit ScopedCpuIsa(std::optional<CpuIsa> cap) : previous_(cpu_isa_cap()) {
+    set_cpu_isa_cap(cap);
+  }
   ~ScopedCpuIsa() { set_cpu_isa_cap(previous_); }
   ScopedCpuIsa(const ScopedCpuIsa&) = delete;
   ScopedCpuIsa& operator=(const ScopedCpuIsa&) = delete;
 
  private:
-  CpuIsa previous_;
+  std::optional<CpuIsa> previous_;
 };
 
 // n values from N(0, 1), the same for the same seed.

@@ -1,4 +1,4 @@
-// moqe: inspect, quantize and dequantize checkpoints, and run one MoE layer (DESIGN.md section 5).
+// moqe: inspect, quantize and dequantize checkpoints, and run one MoE layer (docs/design.md).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>

@@ -27,7 +27,9 @@ CpuFeatures detect() {
   return f;
 }
 
-std::atomic<int> g_cap{-1};  // -1: not read from the environment yet
+constexpr int kUnread = -1;  // MOQE_CPU_ISA not read yet
+constexpr int kNoCap = -2;   // no cap: measured defaults
+std::atomic<int> g_cap{kUnread};
 
 }  // namespace
 
@@ -50,10 +52,10 @@ CpuIsa best_cpu_isa() {
 #endif
 }
 
-CpuIsa cpu_isa_cap() {
+std::optional<CpuIsa> cpu_isa_cap() {
   int cap = g_cap.load(std::memory_order_relaxed);
-  if (cap < 0) {
-    cap = static_cast<int>(CpuIsa::kAvx512Vnni);
+  if (cap == kUnread) {
+    cap = kNoCap;
     if (const char* env = std::getenv("MOQE_CPU_ISA")) {
       if (auto isa = parse_cpu_isa(env)) {
         cap = static_cast<int>(*isa);
@@ -66,15 +68,19 @@ CpuIsa cpu_isa_cap() {
     }
     g_cap.store(cap, std::memory_order_relaxed);
   }
+  if (cap == kNoCap) return std::nullopt;
   return static_cast<CpuIsa>(cap);
 }
 
 CpuIsa active_cpu_isa() {
-  const CpuIsa cap = cpu_isa_cap(), best = best_cpu_isa();
-  return cap < best ? cap : best;
+  const std::optional<CpuIsa> cap = cpu_isa_cap();
+  const CpuIsa best = best_cpu_isa();
+  return cap && *cap < best ? *cap : best;
 }
 
-void set_cpu_isa_cap(CpuIsa cap) { g_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }
+void set_cpu_isa_cap(std::optional<CpuIsa> cap) {
+  g_cap.store(cap ? static_cast<int>(*cap) : kNoCap, std::memory_order_relaxed);
+}
 
 std::string_view to_string(CpuIsa isa) {
   switch (isa) {

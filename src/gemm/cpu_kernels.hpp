@@ -1,5 +1,5 @@
 // Private: the weight layout of the SIMD CPU kernels and their entry points. The file format
-// stays DESIGN.md section 4; QuantizedLinear repacks once, when it is built.
+// stays as docs/formats.md describes it; QuantizedLinear repacks once, when it is built.
 #pragma once
 
 #include <cstdint>

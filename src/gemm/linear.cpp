@@ -51,6 +51,19 @@ QuantizedLinear QuantizedLinear::from_half(std::vector<uint16_t> bits, DType dty
   return l;
 }
 
+namespace {
+
+// Whether the AVX-512 decode kernels (1-4 activation rows) of `level` are used. Under an explicit
+// cap (MOQE_CPU_ISA, set_cpu_isa_cap) they are wherever the cap and the CPU allow. Without one,
+// each kernel family takes the level measured fastest: AVX-512's exact kernels and VNNI fast
+// kernels measured slower than AVX2's at one activation row on both AVX-512 machines measured
+// (a Zen 4 EPYC and a Xeon with AMX; docs/kernels.md), so none is selected by default.
+[[maybe_unused]] bool avx512_decode_selected(CpuIsa level) {
+  return cpu_isa_cap().has_value() && active_cpu_isa() >= level;
+}
+
+}  // namespace
+
 void QuantizedLinear::choose_kernel(Numerics requested) {
   isa_ = CpuIsa::kReference;
   numerics_ = Numerics::kExact;
@@ -71,7 +84,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
     // AVX-512 the pair-of-blocks kernels below read the signed layout instead).
     bool avx512_exact = false;
 #if defined(MOQE_HAVE_AVX512_KERNELS)
-    avx512_exact = active_cpu_isa() >= CpuIsa::kAvx512 && detail::avx512_fits(packed);
+    avx512_exact = avx512_decode_selected(CpuIsa::kAvx512) && detail::avx512_fits(packed);
 #endif
     const bool fields = numerics_ == Numerics::kExact && !avx512_exact && detail::can_field(packed);
     if ((numerics_ == Numerics::kFast && detail::can_pair(packed)) || fields) {
@@ -104,7 +117,7 @@ void QuantizedLinear::choose_kernel(Numerics requested) {
         table->pair_order_x = true;
         isa_ = CpuIsa::kAvx512;
       }
-      if (numerics_ == Numerics::kFast && active_cpu_isa() >= CpuIsa::kAvx512Vnni &&
+      if (numerics_ == Numerics::kFast && avx512_decode_selected(CpuIsa::kAvx512Vnni) &&
           detail::fast_kernel_avx512vnni(scheme_.bits, 1, packed_->paired) != nullptr) {
         for (int m = 1; m <= 4; ++m) {
           table->fast[m - 1] = detail::fast_kernel_avx512vnni(scheme_.bits, m, packed_->paired);

@@ -356,6 +356,32 @@ TEST_CASE("rows the SIMD layout cannot hold keep the reference kernel", "[gemm][
   CHECK(active_cpu_isa() == CpuIsa::kReference);
 }
 
+TEST_CASE("without a cap, each kernel family runs the level measured fastest", "[gemm][kernels]") {
+  // AVX-512's decode kernels measured slower than AVX2's at one row (docs/kernels.md): by default
+  // a layer on an AVX-512 machine runs AVX2's; an explicit cap of avx512 / avx512vnni runs them.
+  if (best_cpu_isa() < CpuIsa::kAvx2) {
+    SUCCEED("no AVX2: the reference kernels are the only level");
+    return;
+  }
+  const auto wv = randn(64 * 256, 5);
+  const QuantizedMatrix q =
+      quantize(MatrixView<const float>(wv.data(), 64, 256), {4, QuantMode::kSym, 128});
+  {
+    const test::ScopedCpuIsa none(std::nullopt);
+    CHECK(active_cpu_isa() == best_cpu_isa());
+    CHECK(QuantizedLinear::from_quantized(q).isa() == CpuIsa::kAvx2);
+    CHECK(QuantizedLinear::from_quantized(q, Numerics::kFast).isa() == CpuIsa::kAvx2);
+  }
+  if (best_cpu_isa() >= CpuIsa::kAvx512) {
+    const test::ScopedCpuIsa cap(CpuIsa::kAvx512);
+    CHECK(QuantizedLinear::from_quantized(q).isa() == CpuIsa::kAvx512);
+  }
+  if (best_cpu_isa() >= CpuIsa::kAvx512Vnni) {
+    const test::ScopedCpuIsa cap(CpuIsa::kAvx512Vnni);
+    CHECK(QuantizedLinear::from_quantized(q, Numerics::kFast).isa() == CpuIsa::kAvx512Vnni);
+  }
+}
+
 TEST_CASE("fast mode matches its scalar definition and stays near exact mode", "[gemm][kernels]") {
   if (best_cpu_isa() < CpuIsa::kAvx2) {
     WARN("SKIPPED: this CPU has no AVX2 kernels");

@@ -1,4 +1,4 @@
-// Routers against hand-computed routings (DESIGN.md section 3): every RouterKind, ties, capacity,
+// Routers against hand-computed routings (docs/routing.md): every RouterKind, ties, capacity,
 // inactive tokens, NaN logits, topk_indices and the configuration errors.
 #include <catch2/catch.hpp>
 

@@ -357,7 +357,7 @@ TEST_CASE("non-finite weights: errors where moqe quantizes, carried through wher
                    Contains("row 2, group 1 is not finite"));
   }
   SECTION("unquantized weights load as they are; NaN reaches only the tokens that use them") {
-    // Documented (README, "Hostile input and reliability"): loading fp32/fp16/bf16 weights does
+    // Documented (docs/reliability.md): loading fp32/fp16/bf16 weights does
     // not scan them; an expert holding NaN gives NaN outputs for the tokens routed to it.
     SyntheticMoeSpec s;
     s.hidden = 32;

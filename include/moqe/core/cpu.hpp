@@ -1,7 +1,7 @@
 // Runtime CPU feature detection and the instruction-set level moqe's CPU kernels use. Kernels are
-// chosen once, when a layer is built, from active_cpu_isa(); tests and benchmarks cap it with
-// set_cpu_isa_cap() or the environment variable MOQE_CPU_ISA (reference | avx2 | avx512 |
-// avx512vnni).
+// chosen once, when a layer is built, from active_cpu_isa() and what was measured fastest
+// (docs/kernels.md); tests and benchmarks cap or force a level with set_cpu_isa_cap() or the
+// environment variable MOQE_CPU_ISA (reference | avx2 | avx512 | avx512vnni).
 #pragma once
 
 #include <cstdint>
@@ -26,11 +26,15 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 // The best level this CPU (and this build) supports.
 CpuIsa best_cpu_isa();
-// min(best_cpu_isa(), the cap from set_cpu_isa_cap or MOQE_CPU_ISA).
+// min(best_cpu_isa(), the cap from set_cpu_isa_cap or MOQE_CPU_ISA): the highest level layers
+// may use.
 CpuIsa active_cpu_isa();
-// Caps the level used by layers built from now on (not thread-safe against concurrent builds).
-void set_cpu_isa_cap(CpuIsa cap);
-CpuIsa cpu_isa_cap();
+// The cap set by set_cpu_isa_cap or MOQE_CPU_ISA; nullopt when none is: each kernel family then
+// takes the level measured fastest for it among those this CPU has (docs/kernels.md: AVX-512's
+// decode kernels are selected only under an explicit cap, having measured slower than AVX2's).
+// A cap applies to layers built from now on (not thread-safe against concurrent builds).
+void set_cpu_isa_cap(std::optional<CpuIsa> cap);
+std::optional<CpuIsa> cpu_isa_cap();
 std::string_view to_string(CpuIsa isa);
 std::optional<CpuIsa> parse_cpu_isa(std::string_view s);
 

@@ -1,6 +1,6 @@
 // Router kernels on the GPU: fused fp32 logits -> softmax / sigmoid -> (group-limited) top-k ->
 // weights, switch and capacity-factor admission in token order, and expert choice, with the
-// semantics of moqe::Router (DESIGN.md section 3) for every RouterKind.
+// semantics of moqe::Router (docs/routing.md) for the kinds device_router_unsupported accepts.
 //
 // Same rules as the host: ties to the lower index, NaN last, inactive tokens without slots,
 // capacities as Router::route computes them. Not bit-identical: the logits are summed in another

@@ -39,12 +39,12 @@ struct LinearScratch {
   bool xp_scaled = false;   // AVX2 4-bit exact kernels: xp holds x scaled per code field
 };
 
-// kExact keeps DESIGN.md section 2 numerics with fp32 activations: the dequantized weights
+// kExact keeps docs/design.md's numerics with fp32 activations: the dequantized weights
 // times x, summed in fp32 in the kernel's order (SIMD kernels sum in another order than the
 // reference, and AVX2's 4-bit kernels take the zero point off through each group's activation
 // sum), so results agree with the reference kernel to fp32 rounding. kFast (opt-in) quantizes the
 // activations per 32-block to int8 once per call and takes integer dot products: faster, with an
-// extra activation rounding error (about 0.4% relative per block; see bench/README.md). Fast mode
+// extra activation rounding error (about 0.5% relative output error; bench/README.md). Fast mode
 // covers 4- and 8-bit weights on AVX2 and AVX-512 VNNI; other layers run exact (numerics() says
 // which).
 enum class Numerics : uint8_t { kExact, kFast };

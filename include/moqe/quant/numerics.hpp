@@ -1,4 +1,4 @@
-// The scalar quantization core of DESIGN.md section 2, shared by the CPU reference, the SIMD
+// The scalar quantization core of docs/design.md's numerics, shared by the CPU reference, the SIMD
 // kernels' tests and CUDA code: one group of weights -> stored scale, zero point and codes.
 // This is the oracle: every faster path must reproduce it bit for bit.
 #pragma once

@@ -1,4 +1,4 @@
-// Quantization schemes (DESIGN.md section 2): bit width, mode (sym | sym_full | asym), group size
+// Quantization schemes (docs/design.md): bit width, mode (sym | sym_full | asym), group size
 // along K (or per channel) and the scale storage type, with the one table of supported values.
 #pragma once
 
@@ -40,7 +40,7 @@ struct QuantScheme {
   }
   bool has_zeros() const { return mode == QuantMode::kAsym; }
   int scale_bits() const { return scale_type == ScaleType::kF16 ? 16 : 32; }
-  // DESIGN.md: b + (bits of s [+ bits of z]) / G, for a row of k weights.
+  // docs/design.md: b + (bits of s [+ bits of z]) / G, for a row of k weights.
   double bits_per_weight(int64_t k) const;
   // Offset between the stored (unsigned) code and the signed level for sym modes: 2^(b-1).
   int code_offset() const { return mode == QuantMode::kAsym ? 0 : 1 << (bits - 1); }
