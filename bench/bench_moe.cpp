@@ -5,6 +5,8 @@
 // counts the weight bytes of the experts the batch routes to (what the layer must read).
 // Weights: f16, w8_channel, w4_g128, w3_g64, w2_g128 (exact numerics) and w4_g128_fast (fast mode:
 // activations quantized to int8 per 32-block, see BM_Gemv).
+// BM_MoeLayerBf16/<shape>/w4_g128/tokens:<T>: the same layer on bf16 hidden states in and out
+// (MoELayer::run<BFloat16>), beside BM_MoeLayer/<shape>/w4_g128: the cost of 16-bit activations.
 #include <benchmark/benchmark.h>
 
 #include <map>
@@ -74,14 +76,15 @@ Layer& get_layer(const Shape& shape, const std::string& weights) {
   return cache.emplace(key, std::move(l)).first->second;
 }
 
+template <class T>
 void BM_MoeLayer(benchmark::State& state, const Shape& shape, const std::string& weights) {
   const int64_t t = state.range(0), h = shape.h;
   Layer& l = get_layer(shape, weights);
   constexpr int kBatches = 16;
   std::mt19937 rng(3);
   std::normal_distribution<float> g(0.0f, 1.0f);
-  std::vector<float> x(static_cast<size_t>(kBatches * t * h)), y(static_cast<size_t>(t * h));
-  for (auto& v : x) v = g(rng);
+  std::vector<T> x(static_cast<size_t>(kBatches * t * h)), y(static_cast<size_t>(t * h));
+  for (auto& v : x) v = T(g(rng));
   auto ws = l.layer->make_workspace(t);
   moqe::MoELayer::RunOptions opt;
   opt.num_threads = kThreads;
@@ -89,10 +92,9 @@ void BM_MoeLayer(benchmark::State& state, const Shape& shape, const std::string&
   double bytes = 0;
   int64_t i = 0;
   for (auto _ : state) {
-    const float* xb = x.data() + (i++ % kBatches) * t * h;
+    const T* xb = x.data() + (i++ % kBatches) * t * h;
     rate.start();
-    l.layer->run(moqe::MatrixView<const float>(xb, t, h), moqe::MatrixView<float>(y.data(), t, h),
-                 ws, opt);
+    l.layer->run(moqe::MatrixView<const T>(xb, t, h), moqe::MatrixView<T>(y.data(), t, h), ws, opt);
     rate.stop();
     for (int64_t e = 0; e < shape.e; ++e) {
       if (ws.routing.expert_load[e] > 0) bytes += static_cast<double>(l.expert_bytes[e]);
@@ -107,12 +109,21 @@ const bool registered = [] {
   for (const Shape& s : shapes) {
     for (const char* w : {"f16", "w8_channel", "w4_g128", "w3_g64", "w2_g128", "w4_g128_fast"}) {
       const std::string name = "BM_MoeLayer/" + s.name + "/" + w;
-      benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, s, std::string(w))
+      benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer<float>, s, std::string(w))
           ->ArgName("tokens")
           ->Arg(1)
           ->Arg(8)
           ->Arg(64)
           ->Unit(benchmark::kMillisecond);
+      if (std::string(w) == "w4_g128") {
+        const std::string bf = "BM_MoeLayerBf16/" + s.name + "/" + w;
+        benchmark::RegisterBenchmark(bf.c_str(), BM_MoeLayer<moqe::BFloat16>, s, std::string(w))
+            ->ArgName("tokens")
+            ->Arg(1)
+            ->Arg(8)
+            ->Arg(64)
+            ->Unit(benchmark::kMillisecond);
+      }
     }
   }
   return true;

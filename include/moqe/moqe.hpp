@@ -3,6 +3,7 @@
 // moqe/cuda/ for the GPU API).
 #pragma once
 
+#include "moqe/core/activations.hpp"
 #include "moqe/core/config.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/core/error.hpp"

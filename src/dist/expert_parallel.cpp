@@ -175,8 +175,37 @@ ExpertParallelMoELayer::Workspace ExpertParallelMoELayer::make_workspace(int64_t
   ws.stats.rows_to.resize(static_cast<size_t>(p));
   ws.stats.rows_from.resize(static_cast<size_t>(p));
   ws.stats.expert_rows.resize(static_cast<size_t>(l));
+  ws.x32.resize(static_cast<size_t>(max_tokens * hidden_));
+  ws.y32.resize(ws.x32.size());
   return ws;
 }
+
+template <HalfActivation T>
+void ExpertParallelMoELayer::run(MatrixView<const T> x, MatrixView<T> y, Workspace& ws,
+                                 const RunOptions& o) {
+  const int64_t h = hidden_;
+  const bool fits = x.cols() == h && y.rows() == x.rows() && y.cols() == h &&
+                    x.rows() <= ws.max_tokens &&
+                    static_cast<int64_t>(ws.x32.size()) >= x.rows() * h;
+  if (!fits) {
+    // Views of the same shapes, never read: the fp32 step rejects them on every rank together
+    // (a rank that threw here alone would leave the others waiting in the exchange).
+    run(MatrixView<const float>(ws.x32.data(), x.rows(), x.cols()),
+        MatrixView<float>(ws.y32.data(), y.rows(), y.cols()), ws, o);
+    MOQE_FAIL("ExpertParallelMoELayer: input {} and output {} do not fit", shape_string(x),
+              shape_string(y));
+  }
+  const MatrixView<float> x32(ws.x32.data(), x.rows(), h), y32(ws.y32.data(), x.rows(), h);
+  widen_rows(x, x32);
+  run(MatrixView<const float>(x32), y32, ws, o);
+  round_rows(MatrixView<const float>(y32), y);
+}
+
+template void ExpertParallelMoELayer::run<Half>(MatrixView<const Half>, MatrixView<Half>,
+                                                ExpertParallelWorkspace&, const MoeRunOptions&);
+template void ExpertParallelMoELayer::run<BFloat16>(MatrixView<const BFloat16>,
+                                                    MatrixView<BFloat16>, ExpertParallelWorkspace&,
+                                                    const MoeRunOptions&);
 
 void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
                                  const RunOptions& o) {

@@ -357,4 +357,23 @@ void QuantizedLinear::forward(MatrixView<const float> x, MatrixView<float> y,
   parallel_for(n_, num_threads, 16, [&](int64_t n0, int64_t n1) { forward_rows(x, s, y, n0, n1); });
 }
 
+template <HalfActivation T>
+void QuantizedLinear::forward(MatrixView<const T> x, MatrixView<T> y, int num_threads) const {
+  MOQE_CHECK(x.cols() == k_ && y.cols() == n_ && y.rows() == x.rows(),
+             "QuantizedLinear [{}, {}]: input {} and output {} do not fit", n_, k_, shape_string(x),
+             shape_string(y));
+  // Per-thread buffers, grown once: no allocation per call after warm-up.
+  thread_local std::vector<float> x32, y32;
+  x32.resize(static_cast<size_t>(x.rows() * k_));
+  y32.resize(static_cast<size_t>(x.rows() * n_));
+  const MatrixView<float> xv(x32.data(), x.rows(), k_), yv(y32.data(), x.rows(), n_);
+  widen_rows(x, xv);
+  forward(MatrixView<const float>(xv), yv, num_threads);
+  round_rows(MatrixView<const float>(yv), y);
+}
+
+template void QuantizedLinear::forward<Half>(MatrixView<const Half>, MatrixView<Half>, int) const;
+template void QuantizedLinear::forward<BFloat16>(MatrixView<const BFloat16>, MatrixView<BFloat16>,
+                                                 int) const;
+
 }  // namespace moqe

@@ -168,4 +168,22 @@ void ExpertMLP::forward(MatrixView<const float> x, MatrixView<float> y, float* s
   add_down_bias(y, 0, hidden());
 }
 
+template <HalfActivation T>
+void ExpertMLP::forward(MatrixView<const T> x, MatrixView<T> y, float* scratch,
+                        int num_threads) const {
+  const int64_t m = x.rows(), h = hidden();
+  MOQE_CHECK(x.cols() == h && y.cols() == h && y.rows() == m,
+             "ExpertMLP (hidden {}): input {} and output {} do not fit", h, shape_string(x),
+             shape_string(y));
+  float* x32 = scratch + scratch_floats(m);
+  float* y32 = x32 + m * h;
+  widen_rows(x, MatrixView<float>(x32, m, h));
+  forward(MatrixView<const float>(x32, m, h), MatrixView<float>(y32, m, h), scratch, num_threads);
+  round_rows(MatrixView<const float>(y32, m, h), y);
+}
+
+template void ExpertMLP::forward<Half>(MatrixView<const Half>, MatrixView<Half>, float*, int) const;
+template void ExpertMLP::forward<BFloat16>(MatrixView<const BFloat16>, MatrixView<BFloat16>, float*,
+                                           int) const;
+
 }  // namespace moqe

@@ -57,8 +57,31 @@ MoELayer::Workspace MoELayer::make_workspace(int64_t max_tokens) const {
   ws.experts = experts_.make_workspace(max_rows, max_tokens);
   detail::reserve_layer_tail(!shared_.empty() || residual_.has_value(), max_tokens, hidden_,
                              max_dense_intermediate_, ws.scratch, ws.extra, ws.active_tokens);
+  ws.x32.resize(static_cast<size_t>(max_tokens * hidden_));
+  ws.y32.resize(ws.x32.size());
   return ws;
 }
+
+template <HalfActivation T>
+void MoELayer::run(MatrixView<const T> x, MatrixView<T> y, Workspace& ws,
+                   const RunOptions& o) const {
+  const int64_t t_count = x.rows(), h = hidden_;
+  MOQE_CHECK(x.cols() == h && y.rows() == t_count && y.cols() == h,
+             "MoELayer (hidden {}): input {} and output {} do not fit", h, shape_string(x),
+             shape_string(y));
+  MOQE_CHECK(t_count <= ws.max_tokens && static_cast<int64_t>(ws.x32.size()) >= t_count * h &&
+                 static_cast<int64_t>(ws.y32.size()) >= t_count * h,
+             "MoELayer: {} tokens exceed the workspace's {}", t_count, ws.max_tokens);
+  const MatrixView<float> x32(ws.x32.data(), t_count, h), y32(ws.y32.data(), t_count, h);
+  widen_rows(x, x32);
+  run(MatrixView<const float>(x32), y32, ws, o);
+  round_rows(MatrixView<const float>(y32), y);
+}
+
+template void MoELayer::run<Half>(MatrixView<const Half>, MatrixView<Half>, MoeWorkspace&,
+                                  const MoeRunOptions&) const;
+template void MoELayer::run<BFloat16>(MatrixView<const BFloat16>, MatrixView<BFloat16>,
+                                      MoeWorkspace&, const MoeRunOptions&) const;
 
 void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
                    const RunOptions& o) const {

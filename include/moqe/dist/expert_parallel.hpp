@@ -88,6 +88,7 @@ struct ExpertParallelWorkspace {
   ExpertGroupWorkspace experts;
   std::vector<float> scratch, extra;  // shared experts, residual MLP
   std::vector<int32_t> active_tokens;
+  std::vector<float> x32, y32;  // fp16 / bf16 steps: x widened, y before rounding
   ExpertParallelStats stats;
 };
 
@@ -127,6 +128,9 @@ class ExpertParallelMoELayer {
   // calls run() for the same step. ws.stats describes the step afterwards.
   void run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
            const RunOptions& options = {});
+  // The same on fp16 / bf16 hidden states (as MoELayer::run: fp32 inside, y rounded once).
+  template <HalfActivation T>
+  void run(MatrixView<const T> x, MatrixView<T> y, Workspace& ws, const RunOptions& options = {});
   // Every rank's load in the last step (collective); entry p is rank p's.
   std::vector<RankLoad> gather_stats(const Workspace& ws);
 
@@ -154,5 +158,13 @@ ExpertParallelMoELayer load_expert_parallel_layer(const Checkpoint& ckpt, std::s
                                                   std::shared_ptr<Communicator> comm,
                                                   ExpertPlacement placement,
                                                   const LoadOptions& options = {});
+
+extern template void ExpertParallelMoELayer::run<Half>(MatrixView<const Half>, MatrixView<Half>,
+                                                       ExpertParallelWorkspace&,
+                                                       const MoeRunOptions&);
+extern template void ExpertParallelMoELayer::run<BFloat16>(MatrixView<const BFloat16>,
+                                                           MatrixView<BFloat16>,
+                                                           ExpertParallelWorkspace&,
+                                                           const MoeRunOptions&);
 
 }  // namespace moqe

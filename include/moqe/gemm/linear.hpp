@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "moqe/core/activations.hpp"
 #include "moqe/core/cpu.hpp"
 #include "moqe/core/view.hpp"
 #include "moqe/io/dtype.hpp"
@@ -91,6 +92,10 @@ class QuantizedLinear {
   // y [M, N] = x [M, K] . W^T (y may be a strided view). Parallel over N; no allocation once each
   // thread has decoded a row of this size.
   void forward(MatrixView<const float> x, MatrixView<float> y, int num_threads = 0) const;
+  // fp16 / bf16 activations: x is widened to fp32 once per call and y rounded once, so the result
+  // is the fp32 call's on the widened x, rounded (core/activations.hpp).
+  template <HalfActivation T>
+  void forward(MatrixView<const T> x, MatrixView<T> y, int num_threads = 0) const;
   // The same in two steps, for callers that schedule row ranges themselves (grouped experts):
   // prepare() once per input, then forward_rows() for any ranges [n0, n1) (single-threaded; ranges
   // may run concurrently on different threads).
@@ -113,5 +118,10 @@ class QuantizedLinear {
   Numerics numerics_ = Numerics::kExact;
   void choose_kernel(Numerics requested = Numerics::kExact);
 };
+
+extern template void QuantizedLinear::forward<Half>(MatrixView<const Half>, MatrixView<Half>,
+                                                    int) const;
+extern template void QuantizedLinear::forward<BFloat16>(MatrixView<const BFloat16>,
+                                                        MatrixView<BFloat16>, int) const;
 
 }  // namespace moqe

@@ -77,11 +77,19 @@ class ExpertMLP {
   // Adds the down projection's bias to columns [c0, c1) of y's rows (nothing when it has none).
   void add_down_bias(MatrixView<float> y, int64_t c0, int64_t c1) const;
 
-  // Floats of scratch that forward() needs for `rows` rows.
+  // Floats of scratch that forward() needs for `rows` rows (of T activations).
   int64_t scratch_floats(int64_t rows) const { return rows * 2 * intermediate(); }
+  template <ActivationType T>
+  int64_t scratch_floats(int64_t rows) const {
+    return scratch_floats(rows) + (std::same_as<T, float> ? 0 : 2 * rows * hidden());
+  }
   // y [M, H] = expert(x [M, H]), using scratch (scratch_floats(M) floats).
   void forward(MatrixView<const float> x, MatrixView<float> y, float* scratch,
                int num_threads = 0) const;
+  // The same on fp16 / bf16 activations (scratch_floats<T>(M) floats): x widened once, y rounded
+  // once; the fp32 result on the widened x, rounded.
+  template <HalfActivation T>
+  void forward(MatrixView<const T> x, MatrixView<T> y, float* scratch, int num_threads = 0) const;
 
  private:
   MlpKind kind_ = MlpKind::kGlu;
@@ -95,5 +103,10 @@ class ExpertMLP {
   QuantizedLinear up_;       // unfused glu, or mlp
   QuantizedLinear down_;
 };
+
+extern template void ExpertMLP::forward<Half>(MatrixView<const Half>, MatrixView<Half>, float*,
+                                              int) const;
+extern template void ExpertMLP::forward<BFloat16>(MatrixView<const BFloat16>, MatrixView<BFloat16>,
+                                                  float*, int) const;
 
 }  // namespace moqe

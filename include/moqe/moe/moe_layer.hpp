@@ -53,6 +53,7 @@ struct MoeWorkspace {
   std::vector<float> scratch, extra;  // shared experts and the residual MLP
   std::vector<int32_t> active_tokens;
   ExpertGroupWorkspace experts;
+  std::vector<float> x32, y32;  // fp16 / bf16 runs: x widened, y before rounding
 };
 
 struct MoeRunOptions {
@@ -92,6 +93,12 @@ class MoELayer {
   // and y must not alias (shared experts read x after the routed experts wrote y).
   void run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
            const RunOptions& options = {}) const;
+  // The same on fp16 / bf16 hidden states: x is widened to fp32 once, the layer runs in fp32 and
+  // y is rounded once, so the result is the fp32 run's on the widened x, rounded
+  // (core/activations.hpp). No allocation: the workspace holds the fp32 copies.
+  template <HalfActivation T>
+  void run(MatrixView<const T> x, MatrixView<T> y, Workspace& ws,
+           const RunOptions& options = {}) const;
 
   // Task-MoE deployment: a smaller layer holding only the experts the task routes to (in the
   // task's order), with a task router over them; shared experts and the residual MLP are kept.
@@ -107,5 +114,10 @@ class MoELayer {
   int64_t hidden_ = 0;
   int64_t max_dense_intermediate_ = 0;  // of the shared experts and the residual MLP
 };
+
+extern template void MoELayer::run<Half>(MatrixView<const Half>, MatrixView<Half>, MoeWorkspace&,
+                                         const MoeRunOptions&) const;
+extern template void MoELayer::run<BFloat16>(MatrixView<const BFloat16>, MatrixView<BFloat16>,
+                                             MoeWorkspace&, const MoeRunOptions&) const;
 
 }  // namespace moqe
