@@ -287,18 +287,22 @@ QuantizedMatrix load_quantized_expert(const Checkpoint& ckpt, std::string_view n
   return load_quantized_part(ckpt, name, e);
 }
 
-bool is_companion_tensor(const Checkpoint& ckpt, std::string_view name) {
+std::string companion_weight(const Checkpoint& ckpt, std::string_view name) {
   for (std::string_view suffix : {".qweight", ".scales", ".zeros"}) {
     if (name.ends_with(suffix) && is_quantized(ckpt, name.substr(0, name.size() - suffix.size()))) {
-      return true;
+      return std::string(name.substr(0, name.size() - suffix.size()));
     }
   }
   constexpr std::string_view kInv = "_scale_inv";
   if (name.ends_with(kInv)) {
     const std::string_view base = name.substr(0, name.size() - kInv.size());
-    return ckpt.contains(base) && ckpt.info(base).dtype == DType::kF8_E4M3;
+    if (ckpt.contains(base) && ckpt.info(base).dtype == DType::kF8_E4M3) return std::string(base);
   }
-  return false;
+  return {};
+}
+
+bool is_companion_tensor(const Checkpoint& ckpt, std::string_view name) {
+  return !companion_weight(ckpt, name).empty();
 }
 
 std::vector<int64_t> weight_shape(const Checkpoint& ckpt, std::string_view name) {

@@ -232,7 +232,7 @@ class LayerLoader {
     if (!f_.output_bias.empty()) use(name(f_.output_bias));
     check_unused();
     const std::vector<int64_t> gshape = shape_of(ckpt_, gate_name, prefix_);
-    MOQE_CHECK(gshape.size() == 2 && gshape[0] == e_count,
+    MOQE_CHECK(gshape.size() == 2 && gshape[0] == e_count && gshape[1] > 0,
                "{}: router '{}' has shape {}, but the {} config has {} experts (expected [{}, "
                "hidden])",
                where(), gate_name, shape_to_string(gshape), f_.name, e_count, e_count);
@@ -463,9 +463,35 @@ class LayerLoader {
     return s[dim] / div;
   }
 
+  // Marks the tensors of the checkpoint named `<expert_base(x)>.<p>.weight` for an expert
+  // x < num_experts and p one of `projections`. Walks the checkpoint's names rather than the
+  // experts, so a config claiming 2^34 experts costs no more than one of 8.
+  void use_per_expert(std::initializer_list<std::string_view> projections) {
+    const int64_t e = c_.router.num_experts;
+    const std::string base = expert_base(0);
+    const std::string lead = base.substr(0, base.size() - 1);  // up to the expert number
+    for (const std::string& t : ckpt_.tensor_names()) {
+      const std::string w = companion_weight(ckpt_, t);  // a quantized weight's parts
+      const std::string& n = w.empty() ? t : w;
+      if (!n.starts_with(lead)) continue;
+      const std::string_view rest = std::string_view(n).substr(lead.size());
+      const size_t dot = rest.find('.');
+      if (dot == std::string_view::npos || dot == 0 || dot > 18) continue;
+      int64_t x = 0;
+      bool digits = rest[0] != '0' || dot == 1;  // expert_base never writes leading zeros
+      for (size_t i = 0; i < dot && digits; ++i) {
+        digits = rest[i] >= '0' && rest[i] <= '9';
+        x = 10 * x + (rest[i] - '0');
+      }
+      if (!digits || x >= e) continue;
+      for (std::string_view p : projections) {
+        if (rest.substr(dot + 1) == std::string(p) + ".weight") use(n);
+      }
+    }
+  }
+
   // The names of the routed experts' tensors in the family's layout.
   void use_expert_names() {
-    const int64_t e = c_.router.num_experts;
     switch (f_.layout) {
       case ExpertLayout::kPerExpert:
         fused_ = has_weight(ckpt_, name("experts.gate_up_proj"));
@@ -473,19 +499,11 @@ class LayerLoader {
           use(name("experts.gate_up_proj"));
           use(name("experts.down_proj"));
         } else {
-          for (int64_t x = 0; x < e; ++x) {
-            const std::string b = expert_base(x);
-            for (std::string_view p : {f_.gate, f_.up, f_.down}) {
-              use(b + "." + std::string(p) + ".weight");
-            }
-          }
+          use_per_expert({f_.gate, f_.up, f_.down});
         }
         break;
       case ExpertLayout::kSwitch:
-        for (int64_t x = 0; x < e; ++x) {
-          use(expert_base(x) + ".wi.weight");
-          use(expert_base(x) + ".wo.weight");
-        }
+        use_per_expert({"wi", "wo"});
         break;
       case ExpertLayout::kGptOss:
         for (const char* n : {"experts.gate_up_proj", "experts.down_proj",
@@ -565,7 +583,9 @@ class LayerLoader {
     std::vector<std::string> scopes = {prefix_ + "."};
     if (f_.shared.starts_with("../")) scopes.push_back(name(f_.shared) + ".");
     auto accounted = [&](const std::string& n) {
-      if (used_.count(n) != 0 || is_companion_tensor(ckpt_, n)) return true;
+      // A quantized weight's parts belong to the layer when the weight does.
+      const std::string w = companion_weight(ckpt_, n);
+      if (used_.count(w.empty() ? n : w) != 0) return true;
       return ckpt_.info(n).numel() == 0;  // an empty module (n_shared_experts = 0) adds nothing
     };
     std::vector<std::string> unused;

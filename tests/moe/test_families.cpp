@@ -209,6 +209,22 @@ TEST_CASE("what users met as silent wrong answers are errors naming the tensor, 
                "1 tensor(s) under '" + m.prefix + "' are not part of a mixtral layer: " + m.prefix +
                    ".gate.bias");
     CHECK(forward(dir / "extra", m.prefix, m, "--allow-unused-tensors").status == 0);
+    // Quantized, a left-over weight is its parts (X.qweight, X.scales): named all the same.
+    const std::string q = (dir / "ernie_q.safetensors").string();
+    const test::Run r = test::moqe_cli(dir,
+                                       "quantize --bits 8 --quiet --include 'proj\\.weight$' "
+                                       "--input " +
+                                           c.dir.string() + " --output " + q);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    fs::copy_file(c.dir / "config.json", dir / "config.json", fs::copy_options::overwrite_existing);
+    fs::remove(dir / "y.safetensors");  // written by the run with --allow-unused-tensors
+    fails_with(forward(q, c.prefix, c,
+                       "--config " + (dir / "config.json").string() +
+                           " --family qwen3_moe --family-override"),
+               "are not part of a qwen3_moe layer: " + c.prefix +
+                   ".moe_statics.e_score_correction_bias, " + c.prefix +
+                   ".shared_experts.down_proj.weight.qweight");
   }
   SECTION("a needed key without a transformers default, and unknown or absent model_types") {
     const FixtureCase& c = find_case(cases, "dots1");

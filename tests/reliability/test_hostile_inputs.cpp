@@ -270,3 +270,23 @@ TEST_CASE("non-finite or huge scaling and capacity factors", "[reliability][host
   r.route(MatrixView<const float>(x.data(), 3, 2), out);
   for (uint8_t k : out.kept) CHECK(k == 1);
 }
+
+TEST_CASE("a config with more experts than the checkpoint holds fails at once",
+          "[reliability][hostile]") {
+  // Found by fuzz_config: num_local_experts 18446551615 made the loader plan three tensor names
+  // per expert (minutes) before noticing the first one missing. The loader now walks the
+  // checkpoint's names instead, and the router's shape names the mismatch.
+  test::TempDir dir;
+  for (const char* family : {"mixtral", "switch"}) {
+    CAPTURE(family);
+    const fs::path d = dir / family;
+    write_synthetic_moe(d, tiny(family));
+    const Checkpoint ckpt(d);
+    const std::string key = std::string(family) == "switch" ? "num_experts" : "num_local_experts";
+    write_bytes(d / "config.json", R"({")" + key + R"(":18446551615,"num_experts_per_tok":2})");
+    const MoeConfig c = read_moe_config(d / "config.json", *parse_family(family));
+    const std::string e =
+        error_of([&] { load_moe_layer(ckpt, synthetic_moe_prefix(tiny(family)), c); });
+    CHECK_THAT(e, Contains("has shape [4, 32]") && Contains("config has 18446551615 experts"));
+  }
+}

@@ -64,6 +64,8 @@ QuantizedMatrix load_quantized_expert(const Checkpoint& ckpt, std::string_view n
 // True for the companion tensors of a quantized weight or of an fp8 block-scaled weight
 // (X.qweight, X.scales, X.zeros, X_scale_inv) that load_weight_f32 folds into X.
 bool is_companion_tensor(const Checkpoint& ckpt, std::string_view name);
+// The weight X a companion tensor belongs to ("" for any other tensor).
+std::string companion_weight(const Checkpoint& ckpt, std::string_view name);
 
 // A 2-D weight as fp32, whatever its storage: F32/F16/BF16, moqe-quantized (dequantized), or
 // F8_E4M3 with a "<name>_scale_inv" F32 tensor of 128x128 block scales (DeepSeek-V3).
