@@ -5,6 +5,8 @@
 // BM_GemvIsa/<weights>/<N>x<K>/isa:<level>/batch:<M> (M = 1, 4): the decode kernels of each level
 // this CPU has (AVX2, and AVX-512 / AVX-512 VNNI where present) side by side in one run, forced
 // with an explicit cap: the measurements behind the default choice (docs/kernels.md).
+// BM_GemvLoaded/<scheme>/<N>x<K>/batch:<M>: the int4 schemes GPTQ, AWQ and compressed-tensors
+// checkpoints load as, beside moqe's own w4_g128 (loaded_kinds()).
 // BM_GemvHot/<weights>/2048x4096/batch:<M> (M = 1, 4, 8, 16): the same on one thread with one
 // copy of W that stays in the caches (4-16 MB): the kernels' instruction throughput, free of the
 // memory system's noise (the figure to compare when changing a kernel's inner loop);
@@ -13,6 +15,7 @@
 #include <omp.h>
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <moqe/moqe.hpp>
@@ -34,7 +37,27 @@ struct Weights {
   bool eigen = false;
   bool fast = false;                               // fast mode: int8 activations
   std::optional<moqe::CpuIsa> isa = std::nullopt;  // an explicit cap while building the layer
+  bool act_order = false;  // columns stored in a random order, as act-order GPTQ loads
 };
+
+// The schemes other tools' int4 checkpoints load as (docs/formats.md): GPTQ and compressed-tensors
+// sym as sym_full, AWQ and asym GPTQ as asym, act-order GPTQ as sym_full with an input order;
+// moqe's own sym first, for the ratio. Registered side by side as BM_GemvLoaded.
+const std::vector<Weights>& loaded_kinds() {
+  static const std::vector<Weights> w = {
+      {"w4_g128", {4, moqe::QuantMode::kSym, 128}},
+      {"w4_g128_sym_full", {4, moqe::QuantMode::kSymFull, 128}},
+      {"w4_g128_asym", {4, moqe::QuantMode::kAsym, 128}},
+      {"w4_g128_act_order",
+       {4, moqe::QuantMode::kSymFull, 128},
+       moqe::DType::kF32,
+       false,
+       false,
+       std::nullopt,
+       true},
+  };
+  return w;
+}
 
 const std::vector<Weights>& weight_kinds() {
   static const std::vector<Weights> w = {
@@ -68,8 +91,14 @@ moqe::QuantizedLinear make_layer(const Weights& kind, const std::vector<float>& 
     for (size_t i = 0; i < w.size(); ++i) h[i] = moqe::float_to_half_bits(w[i]);
     return moqe::QuantizedLinear::from_half(std::move(h), moqe::DType::kF16, n, k);
   }
-  const moqe::QuantizedMatrix q =
+  moqe::QuantizedMatrix q =
       moqe::quantize(moqe::MatrixView<const float>(w.data(), n, k), kind.scheme);
+  if (kind.act_order) {
+    std::vector<int32_t> order(static_cast<size_t>(k));
+    for (int64_t c = 0; c < k; ++c) order[static_cast<size_t>(c)] = static_cast<int32_t>(c);
+    std::shuffle(order.begin(), order.end(), std::mt19937(5));
+    q.set_input_order(std::move(order));
+  }
   moqe::QuantizedLinear base = moqe::QuantizedLinear::from_quantized(
       q, kind.fast ? moqe::Numerics::kFast : moqe::Numerics::kExact);
   if (kind.fast && fast_error != nullptr) {  // the price of fast mode, on random activations
@@ -220,6 +249,17 @@ const bool registered = [] {
             ->Arg(4)
             ->Unit(benchmark::kMillisecond);
       }
+    }
+  }
+  for (const auto& [n, k] : decode_shapes) {
+    for (const Weights& kind : loaded_kinds()) {
+      const std::string name =
+          "BM_GemvLoaded/" + kind.name + "/" + std::to_string(n) + "x" + std::to_string(k);
+      benchmark::RegisterBenchmark(name.c_str(), BM_Gemv, kind, n, k)
+          ->ArgName("batch")
+          ->Arg(1)
+          ->Arg(8)
+          ->Unit(benchmark::kMillisecond);
     }
   }
   for (const Weights& kind : weight_kinds()) {

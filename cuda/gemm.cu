@@ -285,6 +285,11 @@ DeviceQuantizedMatrix DeviceQuantizedMatrix::stack_glu(std::span<const Quantized
 DeviceQuantizedMatrix DeviceQuantizedMatrix::build(std::span<const QuantizedMatrix> experts,
                                                    GemmPath path, bool glu) {
   MOQE_CHECK(!experts.empty(), "cuda::DeviceQuantizedMatrix: no experts given");
+  for (const QuantizedMatrix& q : experts) {
+    MOQE_CHECK(!q.has_input_order(),
+               "cuda::DeviceQuantizedMatrix: act-order (input-ordered) matrices are not "
+               "implemented on the device yet; run the layer on the CPU");
+  }
   const QuantizedMatrix& q0 = experts[0];
   for (size_t e = 1; e < experts.size(); ++e) {
     MOQE_CHECK(experts[e].rows() == q0.rows() && experts[e].cols() == q0.cols() &&

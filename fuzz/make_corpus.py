@@ -5,6 +5,7 @@ changing it and commit the result (python3 fuzz/make_corpus.py)."""
 import json
 import pathlib
 import shutil
+import sys
 import struct
 
 ROOT = pathlib.Path(__file__).resolve().parent / "corpus"
@@ -166,6 +167,10 @@ def config_seeds():
     s["bad_activation"] = {"num_experts": 4, "num_experts_per_tok": 2, "hidden_act": "swish9"}
     s["huge_int"] = '{"num_experts":18446744073709551615,"num_local_experts":-9223372036854775808}'
     s["deep"] = '{"num_experts":' + "[" * 3000 + "]" * 3000 + "}"
+    # Found by fuzz_config: the loader planned a name for each of 18446551615 experts (a hang).
+    s["regression_huge_expert_count"] = \
+        '{"num_experts":18446551615,"num_local_experts":-9223372036854775808}'
+
     s["not_object"] = "[1,2]"
     s["invalid"] = '{"num_experts":4,'
     return {k: (v if isinstance(v, str) else json.dumps(v)).encode() for k, v in s.items()}
@@ -218,9 +223,71 @@ def quantized_seeds():
     return s
 
 
+def gptq(bits=4, group=32, fmt="gptq", **extra):
+    return json.dumps(dict({"quant_method": "gptq", "bits": bits, "group_size": group,
+                            "checkpoint_format": fmt}, **extra))
+
+
+def ct(bits=4, strategy="group", group=32, symmetric=True, fmt="pack-quantized", version="0.20.1",
+       **extra):
+    w = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+         "group_size": group if strategy == "group" else None}
+    return json.dumps(dict({"quant_method": "compressed-tensors", "format": fmt,
+                            "version": version,
+                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w}},
+                            "ignore": ["lm_head"]}, **extra))
+
+
+def foreign_seeds():
+    """fuzz_foreign: a weight 'w.weight' stored by another tool; line 1 is its config.json's
+    quantization_config, then the tensors as in fuzz_quantized (parts named after the format)."""
+    s = {}
+    # GPTQ [N = 8, K = 64]: qweight [K b / 32, N], qzeros [K / G, N b / 32], scales [K / G, N].
+    s["gptq4_g32"] = quantized_input(gptq(), [("qweight", "I32", 8, 8), ("qzeros", "I32", 2, 1),
+                                              ("scales", "F16", 2, 8), ("g_idx", "I32", 64)],
+                                     b"\x00\x00\x00\x00")
+    s["gptq3_v2_channel"] = quantized_input(
+        gptq(3, -1, "gptq_v2"), [("qweight", "I32", 6, 32), ("qzeros", "I32", 1, 3),
+                                 ("scales", "BF16", 1, 32)], b"\x49\x92\x24\x3c")
+    s["gptq3_gptqmodel6"] = quantized_input(
+        gptq(3, 32, meta={"quantizer": ["gptqmodel:6.0.3"]}),
+        [("qweight", "I32", 6, 32), ("qzeros", "I32", 2, 3), ("scales", "F16", 2, 32)])
+    s["gptq8_bad_gidx"] = quantized_input(gptq(8), [("qweight", "I32", 16, 4), ("qzeros", "I32", 2, 1),
+                                                    ("scales", "F16", 2, 4), ("g_idx", "I32", 64)],
+                                          b"\x07\x00\x00\x00")
+    s["awq4_g32"] = quantized_input(json.dumps({"quant_method": "awq", "bits": 4, "group_size": 32,
+                                                "version": "gemm"}),
+                                    [("qweight", "I32", 64, 1), ("qzeros", "I32", 2, 1),
+                                     ("scales", "F16", 2, 8)], b"\x88\x88\x00\x3c")
+    s["ct4_g32_asym"] = quantized_input(
+        ct(symmetric=False), [("weight_packed", "I32", 8, 8), ("weight_scale", "BF16", 8, 2),
+                              ("weight_zero_point", "I32", 1, 2), ("weight_shape", "I64", 2),
+                              ("weight_g_idx", "I32", 64)], b"\x08\x00\x00\x00")
+    s["ct3_padded"] = quantized_input(
+        ct(3, version="0.17.1"), [("weight_packed", "I32", 8, 7), ("weight_scale", "F32", 8, 2),
+                                  ("weight_shape", "I32", 2)], b"\x40\x00\x00\x00")
+    s["ct8_naive_tensor"] = quantized_input(
+        ct(8, "tensor", fmt="naive-quantized"), [("weight", "I8", 4, 32),
+                                                 ("weight_scale", "F16", 1)], b"\x81\x7f\x00\x3c")
+    s["ct_mixed_regex"] = quantized_input(
+        ct(symmetric=True, fmt="mixed-precision",
+           ignore=["re:(lm_head"]), [("weight_packed", "I32", 8, 8), ("weight_scale", "F16", 8, 2),
+                                     ("weight_shape", "I64", 2)])
+    s["bad_not_json"] = quantized_input("{quant_method:gptq}", [("qweight", "I32", 8, 8)])
+    # Found by fuzz_foreign: a 1-D qweight made the shape reader throw std::out_of_range.
+    s["bad_qweight_1d"] = quantized_input(gptq(), [("qweight", "I32", 8), ("qzeros", "I32", 2, 1),
+                                                   ("scales", "F16", 2, 8)])
+    return s
+
+
 def main():
     corpora = {"fuzz_safetensors": safetensors_seeds(), "fuzz_index": index_seeds(),
-               "fuzz_config": config_seeds(), "fuzz_quantized": quantized_seeds()}
+               "fuzz_config": config_seeds(), "fuzz_quantized": quantized_seeds(),
+               "fuzz_foreign": foreign_seeds()}
+    # Targets named on the command line only (each directory is rewritten; fuzz_config also
+    # holds family_* seeds that tests/data/families' configs gave and this script does not).
+    if len(sys.argv) > 1:
+        corpora = {t: corpora[t] for t in sys.argv[1:]}
     total = 0
     for target, seeds in corpora.items():
         d = ROOT / target

@@ -11,7 +11,7 @@ seconds="${1:-40}"
 build="${2:-build-asan}"
 shift $(( $# > 2 ? 2 : $# ))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuzz_safetensors fuzz_index fuzz_config fuzz_quantized)
+[ ${#targets[@]} -gt 0 ] || targets=(fuzz_safetensors fuzz_index fuzz_config fuzz_quantized fuzz_foreign)
 
 status=0
 for t in "${targets[@]}"; do

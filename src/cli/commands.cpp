@@ -61,8 +61,10 @@ void print_quantize_report(const ConvertReport& r, const std::filesystem::path& 
   Table t({"tensor", "shape", "in", "scheme", "G", "rel.err", "max.abs", "SQNR dB", "bits/w",
            "bytes in", "bytes out"},
           {false, false, false, false, true, true, true, true, true, true, true});
-  int64_t copied = 0, copied_bytes = 0;
+  int64_t copied = 0, copied_bytes = 0, kept = 0;
+  std::string kept_from;
   for (const TensorReport& x : r.tensors) {
+    if (x.kept) kept_from = x.input_dtype;
     if (!x.quantized) {
       if (!x.note.empty()) {
         t.add_row({x.name, shape_str(x.shape), x.input_dtype, x.note, "", "", "", "", "",
@@ -72,17 +74,25 @@ void print_quantize_report(const ConvertReport& r, const std::filesystem::path& 
       copied_bytes += x.bytes_in;
       continue;
     }
+    kept += x.kept ? 1 : 0;
     t.add_row({x.name, shape_str(x.shape), x.input_dtype,
                fmt::format("int{} {}", x.scheme.bits, to_string(x.scheme.mode)),
                x.group_size == x.shape.back() ? "channel" : std::to_string(x.group_size),
-               fmt::format("{:.5f}", x.error.rel_frobenius), fmt::format("{:.4g}", x.error.max_abs),
-               sqnr_str(x.error.sqnr_db), fmt::format("{:.3f}", x.bits_per_weight),
+               x.kept ? "kept" : fmt::format("{:.5f}", x.error.rel_frobenius),
+               x.kept ? "-" : fmt::format("{:.4g}", x.error.max_abs),
+               x.kept ? "-" : sqnr_str(x.error.sqnr_db), fmt::format("{:.3f}", x.bits_per_weight),
                human_bytes(x.bytes_in), human_bytes(x.bytes_out)});
   }
   std::fputs(t.render().c_str(), stdout);
   std::printf("quantized %lld tensors: %s -> %s (%s)\n", static_cast<long long>(r.quantized_count),
               human_bytes(r.quantized_bytes_in).c_str(), human_bytes(r.quantized_bytes_out).c_str(),
               ratio(r.quantized_bytes_in, r.quantized_bytes_out).c_str());
+  if (kept > 0) {
+    std::printf(
+        "of which %lld already quantized by %s: kept as stored (lossless; the quantization "
+        "options apply to the others)\n",
+        static_cast<long long>(kept), kept_from.c_str());
+  }
   std::printf("copied %lld tensors unchanged (%s)\n", static_cast<long long>(copied),
               human_bytes(copied_bytes).c_str());
   std::printf("total: %s -> %s (%s) in %.1f s; wrote %s\n", human_bytes(r.bytes_in).c_str(),
@@ -195,9 +205,16 @@ void add_inspect(CLI::App& app, Action& action) {
                  fmt::format("{} ({:.3f} bits/w)", q.scheme().to_string(), q.bits_per_weight())});
           }
         }
-        std::printf(
-            "%s: %zu tensors, %s%s\n", path.c_str(), ckpt.size(), human_bytes(total).c_str(),
-            fmt_it != meta.end() ? fmt::format(", moqe format {}", fmt_it->second).c_str() : "");
+        std::string format;
+        if (fmt_it != meta.end()) format = fmt::format(", moqe format {}", fmt_it->second);
+        const QuantizationConfig& qc = ckpt.quantization();
+        if (qc.format != ForeignFormat::kNone) {
+          format += fmt::format(", {} weights ({})", to_string(qc.format), qc.source.string());
+        } else if (!qc.method.empty()) {
+          format += fmt::format(", quant_method '{}' (not read by moqe)", qc.method);
+        }
+        std::printf("%s: %zu tensors, %s%s\n", path.c_str(), ckpt.size(),
+                    human_bytes(total).c_str(), format.c_str());
         std::fputs(t.render().c_str(), stdout);
         if (o->raw) {
           for (const std::string& name : quantized_weight_names(ckpt)) {
@@ -308,7 +325,9 @@ void add_quantize(CLI::App& app, Action& action) {
         MOQE_CHECK(o->family == "auto", "--family {}: no config.json beside {} (pass --config)",
                    o->family, o->input);
       }
-      const Checkpoint input(o->input);
+      Checkpoint input(o->input);
+      // Other tools' quantized weights are read through the config's quantization_config.
+      if (!o->config.empty()) input.set_quantization(read_quantization_config(o->config));
       check_output(o->output, {config}, &input);
       warn_ignored(input);
       Progress progress(!o->quiet);
@@ -428,7 +447,8 @@ void add_moe_forward(CLI::App& app, Action& action) {
       MOQE_CHECK(o->device == "cpu",
                  "--device cuda: this moqe was built without its CUDA component; use --device cpu");
 #endif
-      const Checkpoint weights(o->weights);
+      Checkpoint weights(o->weights);
+      if (!o->config.empty()) weights.set_quantization(read_quantization_config(o->config));
       check_output(o->output,
                    {o->input, o->config.empty() ? default_config_path(o->weights)
                                                 : std::filesystem::path(o->config)},

@@ -19,6 +19,10 @@ QuantizedLinear QuantizedLinear::from_quantized(QuantizedMatrix q, Numerics nume
   l.storage_ = WeightStorage::kQuantized;
   l.scheme_ = q.scheme();
   l.group_ = q.group_size();
+  if (q.has_input_order()) {
+    l.order_ = std::make_shared<const std::vector<int32_t>>(q.input_order().begin(),
+                                                            q.input_order().end());
+  }
   l.q_ = std::make_shared<const QuantizedMatrix>(std::move(q));
   l.choose_kernel(numerics);
   return l;
@@ -150,7 +154,8 @@ bool QuantizedLinear::can_concat(const QuantizedLinear& a, const QuantizedLinear
     return a.scheme_.bits == b.scheme_.bits && a.scheme_.mode == b.scheme_.mode &&
            a.scheme_.scale_type == b.scheme_.scale_type && a.group_ == b.group_ &&
            a.numerics_ == b.numerics_ && (a.packed_ != nullptr) == (b.packed_ != nullptr) &&
-           (a.packed_ == nullptr || detail::same_layout(*a.packed_, *b.packed_));
+           (a.packed_ == nullptr || detail::same_layout(*a.packed_, *b.packed_)) &&
+           (a.order_ == b.order_ || (a.order_ && b.order_ && *a.order_ == *b.order_));
   }
   return true;
 }
@@ -243,7 +248,14 @@ void QuantizedLinear::decode_row(int64_t n, float* out) const {
     }
     case WeightStorage::kQuantized: {
       if (packed_) {
-        detail::decode_row(*packed_, n, out);
+        if (!order_) {
+          detail::decode_row(*packed_, n, out);
+          return;
+        }
+        thread_local std::vector<float> stored;  // the packed codes are in stored order
+        stored.resize(static_cast<size_t>(k_));
+        detail::decode_row(*packed_, n, stored.data());
+        for (int64_t c = 0; c < k_; ++c) out[(*order_)[static_cast<size_t>(c)]] = stored[c];
         return;
       }
       thread_local std::vector<uint8_t> codes;
@@ -260,10 +272,22 @@ std::vector<float> QuantizedLinear::to_f32() const {
   return w;
 }
 
-void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch) const {
-  scratch.m = x.rows();
+void QuantizedLinear::prepare(MatrixView<const float> x_in, LinearScratch& scratch) const {
+  scratch.m = x_in.rows();
   scratch.k = k_;
   scratch.groups = 0;
+  MatrixView<const float> x = x_in;
+  if (order_ && kernels_) {
+    // The packed codes are in stored column order: the kernels read x gathered the same way.
+    scratch.xorder.resize(static_cast<size_t>(x_in.rows() * k_));
+    const int32_t* o = order_->data();
+    for (int64_t m = 0; m < x_in.rows(); ++m) {
+      const float* src = x_in.row(m);
+      float* dst = scratch.xorder.data() + m * k_;
+      for (int64_t c = 0; c < k_; ++c) dst[c] = src[o[c]];
+    }
+    x = MatrixView<const float>(scratch.xorder.data(), x_in.rows(), k_);
+  }
 #if defined(MOQE_HAVE_AVX2_KERNELS)
   if (isa_ >= CpuIsa::kAvx2 && packed_) {
     // The AVX-512 exact kernels read x in pair order; the prefill GEMM reads x itself.
@@ -282,13 +306,16 @@ void QuantizedLinear::prepare(MatrixView<const float> x, LinearScratch& scratch)
 #endif
 }
 
-void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratch& scratch,
+void QuantizedLinear::forward_rows(MatrixView<const float> x_in, const LinearScratch& scratch,
                                    MatrixView<float> y, int64_t n0, int64_t n1) const {
-  const int64_t m_count = x.rows();
+  const int64_t m_count = x_in.rows();
   if (m_count == 0 || n0 >= n1) return;
   if (kernels_) {
     const detail::KernelTable& kt = *kernels_;
-    if (numerics_ == Numerics::kFast || kt.pair_order_x || kt.fields[0] != nullptr) {
+    // An input order: the kernels read the gathered x prepare() made.
+    const MatrixView<const float> x =
+        order_ ? MatrixView<const float>(scratch.xorder.data(), m_count, k_) : x_in;
+    if (numerics_ == Numerics::kFast || kt.pair_order_x || kt.fields[0] != nullptr || order_) {
       MOQE_CHECK(scratch.m == m_count && scratch.k == k_,
                  "QuantizedLinear [{}, {}]: forward_rows needs the scratch prepare() made for this "
                  "input ({} x {}), not one for {} x {}",
@@ -337,6 +364,7 @@ void QuantizedLinear::forward_rows(MatrixView<const float> x, const LinearScratc
     return;
   }
   (void)scratch;
+  const MatrixView<const float> x = x_in;  // the reference decodes rows in the input's order
   thread_local std::vector<float> row;
   if (row.size() < static_cast<size_t>(k_)) row.resize(static_cast<size_t>(k_));
   for (int64_t n = n0; n < n1; ++n) {

@@ -161,6 +161,22 @@ void Checkpoint::add_file(const std::filesystem::path& file) {
   for (const auto& [key, value] : f.metadata()) metadata_.emplace(key, value);
 }
 
+const QuantizationConfig& Checkpoint::quantization() const {
+  LazyQuantization& l = *quantization_;
+  std::call_once(l.once, [&] {
+    std::error_code ec;
+    const fs::path dir = fs::is_directory(path_, ec) ? path_ : path_.parent_path();
+    const fs::path config = dir / "config.json";
+    l.config = fs::exists(config, ec) ? read_quantization_config(config) : QuantizationConfig{};
+  });
+  return *l.config;
+}
+
+void Checkpoint::set_quantization(QuantizationConfig q) {
+  std::call_once(quantization_->once, [] {});
+  quantization_->config = std::move(q);
+}
+
 std::vector<std::string> Checkpoint::tensor_names() const {
   std::vector<std::string> names;
   names.reserve(where_.size());

@@ -8,6 +8,7 @@
 #include <regex>
 
 #include "moqe/core/error.hpp"
+#include "moqe/io/foreign.hpp"
 #include "moqe/io/quantized_format.hpp"
 
 namespace moqe {
@@ -151,9 +152,32 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
     return t.shape.size() == 2 && t.shape[1] > 0;
   };
   const std::vector<std::string> names = input.tensor_names();
+  // Other tools' quantized weights (GPTQ, AWQ, compressed-tensors) are rewritten in moqe's
+  // format as they are: their codes, scales and zero points, losslessly, whatever --bits says.
+  for (const std::string& name : foreign_weight_names(input)) {
+    const QuantizedMatrix q = load_quantized(input, name);
+    TensorReport r;
+    r.name = name;
+    r.shape = {q.rows(), q.cols()};
+    r.input_dtype = std::string(to_string(input.quantization().format));
+    r.quantized = true;
+    r.scheme = q.scheme();
+    r.group_size = q.group_size();
+    r.bytes_in = r.bytes_out = q.storage_bytes();
+    r.bits_per_weight = q.bits_per_weight();
+    r.kept = true;
+    add_quantized(writer, name, q);
+    report.quantized_count++;
+    report.quantized_bytes_in += r.bytes_in;
+    report.quantized_bytes_out += r.bytes_out;
+    report.bytes_in += r.bytes_in;
+    report.bytes_out += r.bytes_out;
+    report.tensors.push_back(std::move(r));
+  }
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& name = names[i];
     if (progress) progress({i, names.size(), name});
+    if (is_foreign_part(input, name)) continue;  // rewritten above
     const TensorInfo& t = input.info(name);
     // The block scales of an fp8 weight that is quantized are folded into it.
     constexpr std::string_view kInv = "_scale_inv";
@@ -265,6 +289,8 @@ ConvertReport dequantize_checkpoint(const Checkpoint& input, const std::filesyst
   std::vector<std::string> names = input.tensor_names();
   for (const std::string& q : quantized_weight_names(input)) names.push_back(q);
   std::sort(names.begin(), names.end());
+  // compressed-tensors' 8-bit weights keep the weight's own name.
+  names.erase(std::unique(names.begin(), names.end()), names.end());
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& name = names[i];
     if (progress) progress({i, names.size(), name});
@@ -336,6 +362,10 @@ std::string report_to_json(const ConvertReport& report) {
           std::isfinite(r.error.sqnr_db) ? nlohmann::json(r.error.sqnr_db) : nlohmann::json();
     }
     if (!r.note.empty()) t["note"] = r.note;
+    if (r.kept) {
+      t["kept"] = true;  // another tool's codes as stored: no error was measured
+      t["rel_frobenius"] = t["max_abs"] = t["sqnr_db"] = nlohmann::json();
+    }
     tensors.push_back(std::move(t));
   }
   j["tensors"] = std::move(tensors);

@@ -8,6 +8,7 @@
 #include "json_text.hpp"
 #include "moqe/core/dtypes.hpp"
 #include "moqe/core/error.hpp"
+#include "moqe/io/foreign.hpp"
 
 namespace moqe {
 namespace {
@@ -111,6 +112,11 @@ StoredScheme parse_scheme_json(std::string_view full_text, std::string_view what
                "{}: code_offset {} does not match {} at {} bits (expected {})", what,
                get_int("code_offset"), mode, s.scheme.bits, s.scheme.code_offset());
   }
+  if (j.contains("input_order")) {
+    MOQE_CHECK(j["input_order"].is_boolean(), "{}: 'input_order' must be true or false: {}", what,
+               text);
+    s.input_order = j["input_order"].get<bool>();
+  }
   if (j.contains("experts")) {
     s.stack.experts = get_int("experts");
     MOQE_CHECK(s.stack.experts > 0 && s.stack.experts <= (int64_t{1} << 24),
@@ -154,8 +160,13 @@ void add_quantized(SafetensorsWriter& writer, const std::string& name, const Qua
   if (q.scheme().has_zeros()) {
     writer.add_values<uint8_t>(name + ".zeros", DType::kU8, {n, ng}, q.zeros());
   }
+  nlohmann::json j = scheme_object(q);
+  if (q.has_input_order()) {
+    writer.add_values<int32_t>(name + ".input_order", DType::kI32, {q.cols()}, q.input_order());
+    j["input_order"] = true;
+  }
   writer.set_metadata(std::string(kFormatKey), std::string(kFormatVersion));
-  writer.set_metadata(scheme_key(name), scheme_to_json(q));
+  writer.set_metadata(scheme_key(name), j.dump());
 }
 
 void add_quantized_experts(SafetensorsWriter& writer, const std::string& name,
@@ -166,6 +177,10 @@ void add_quantized_experts(SafetensorsWriter& writer, const std::string& name,
              stack.experts, name);
   const QuantizedMatrix& q0 = experts[0];
   for (const QuantizedMatrix& q : experts) {
+    MOQE_CHECK(!q.has_input_order(),
+               "add_quantized_experts: '{}': a fused expert tensor cannot store act-order "
+               "matrices",
+               name);
     MOQE_CHECK(q.rows() == q0.rows() && q.cols() == q0.cols() &&
                    q.scheme().to_string() == q0.scheme().to_string() &&
                    q.group_size() == q0.group_size(),
@@ -202,6 +217,16 @@ void add_quantized_experts(SafetensorsWriter& writer, const std::string& name,
 }
 
 StoredScheme stored_scheme(const Checkpoint& ckpt, std::string_view name) {
+  if (find_scheme(ckpt, name) == nullptr && is_foreign_quantized(ckpt, name)) {
+    const QuantizedMatrix q = load_foreign(ckpt, name);
+    StoredScheme s;
+    s.scheme = q.scheme();
+    s.scheme.group_size = q.group_size();
+    s.rows = q.rows();
+    s.cols = q.cols();
+    s.input_order = q.has_input_order();
+    return s;
+  }
   const std::string* json = find_scheme(ckpt, name);
   MOQE_CHECK(json != nullptr, "{}: no quantized weight '{}' (no '{}' metadata)",
              ckpt.path().string(), name, scheme_key(name));
@@ -209,7 +234,7 @@ StoredScheme stored_scheme(const Checkpoint& ckpt, std::string_view name) {
 }
 
 bool is_quantized(const Checkpoint& ckpt, std::string_view name) {
-  return find_scheme(ckpt, name) != nullptr;
+  return find_scheme(ckpt, name) != nullptr || is_foreign_quantized(ckpt, name);
 }
 
 std::vector<std::string> quantized_weight_names(const Checkpoint& ckpt) {
@@ -217,6 +242,8 @@ std::vector<std::string> quantized_weight_names(const Checkpoint& ckpt) {
   for (const auto& [key, value] : ckpt.metadata()) {
     if (key.starts_with(kSchemeKeyPrefix)) names.push_back(key.substr(kSchemeKeyPrefix.size()));
   }
+  for (std::string& n : foreign_weight_names(ckpt)) names.push_back(std::move(n));
+  std::sort(names.begin(), names.end());
   return names;
 }
 
@@ -272,14 +299,28 @@ QuantizedMatrix load_quantized_part(const Checkpoint& ckpt, std::string_view nam
   }
   std::vector<uint8_t> zeros;
   if (s.scheme.has_zeros()) zeros = as(part(base + ".zeros", DType::kU8, ng, "zeros"), uint8_t{});
-  return QuantizedMatrix::from_parts(n, s.cols, s.scheme, std::move(qweight), std::move(scales),
-                                     std::move(zeros),
-                                     experts == 0 ? what : fmt::format("{} (expert {})", what, e));
+  QuantizedMatrix q = QuantizedMatrix::from_parts(
+      n, s.cols, s.scheme, std::move(qweight), std::move(scales), std::move(zeros),
+      experts == 0 ? what : fmt::format("{} (expert {})", what, e));
+  if (s.input_order) {
+    MOQE_CHECK(experts == 0, "{}: a fused expert tensor with an input order", what);
+    const std::string t = base + ".input_order";
+    MOQE_CHECK(ckpt.contains(t), "{}: quantized weight is missing its input_order tensor '{}'",
+               ckpt.path().string(), t);
+    const TensorInfo& ti = ckpt.info(t);
+    MOQE_CHECK(ti.dtype == DType::kI32 && ti.shape == std::vector<int64_t>{s.cols},
+               "{}: expected I32 [{}], found {}", where(ckpt, t), s.cols, ti.describe());
+    q.set_input_order(as(ckpt.bytes(t), int32_t{}), what);
+  }
+  return q;
 }
 
 }  // namespace
 
 QuantizedMatrix load_quantized(const Checkpoint& ckpt, std::string_view name) {
+  if (find_scheme(ckpt, name) == nullptr && is_foreign_quantized(ckpt, name)) {
+    return load_foreign(ckpt, name);
+  }
   return load_quantized_part(ckpt, name, -1);
 }
 
@@ -288,7 +329,8 @@ QuantizedMatrix load_quantized_expert(const Checkpoint& ckpt, std::string_view n
 }
 
 std::string companion_weight(const Checkpoint& ckpt, std::string_view name) {
-  for (std::string_view suffix : {".qweight", ".scales", ".zeros"}) {
+  if (std::string w = foreign_part_weight(ckpt, name); !w.empty()) return w;
+  for (std::string_view suffix : {".qweight", ".scales", ".zeros", ".input_order"}) {
     if (name.ends_with(suffix) && is_quantized(ckpt, name.substr(0, name.size() - suffix.size()))) {
       return std::string(name.substr(0, name.size() - suffix.size()));
     }
@@ -306,6 +348,9 @@ bool is_companion_tensor(const Checkpoint& ckpt, std::string_view name) {
 }
 
 std::vector<int64_t> weight_shape(const Checkpoint& ckpt, std::string_view name) {
+  if (find_scheme(ckpt, name) == nullptr && is_foreign_quantized(ckpt, name)) {
+    return foreign_shape(ckpt, name);
+  }
   if (const std::string* json = find_scheme(ckpt, name)) {
     const StoredScheme s = parse_scheme_json(*json, where(ckpt, name));
     if (s.stack.experts > 0) return s.source_shape;

@@ -40,17 +40,24 @@ std::string foreign_quantization(const Checkpoint& ckpt, std::string_view prefix
   const std::string p = std::string(prefix) + ".";
   for (const std::string& n : ckpt.tensor_names()) {
     if (!n.starts_with(p) || is_companion_tensor(ckpt, n)) continue;
+    const QuantizationConfig& qc = ckpt.quantization();
+    const std::string config =
+        qc.source.empty()
+            ? std::string("no config.json beside the weights says how they are stored")
+            : (qc.method.empty()
+                   ? fmt::format("{} has no quantization_config", qc.source.string())
+                   : fmt::format("{} says quant_method '{}'", qc.source.string(), qc.method));
     if (n.ends_with(".qweight") || n.ends_with(".qzeros") || n.ends_with(".g_idx")) {
       return fmt::format(
-          " ('{}' is a GPTQ or AWQ tensor: moqe reads moqe-quantized, F32, F16 and BF16 weights; "
-          "quantize the original checkpoint with `moqe quantize`)",
-          n);
+          " ('{}' is a GPTQ or AWQ tensor, and {}: moqe reads GPTQ and AWQ checkpoints through "
+          "their config.json's quantization_config)",
+          n, config);
     }
     if (n.ends_with(".weight_packed") || n.ends_with(".weight_scale")) {
       return fmt::format(
-          " ('{}' is a compressed-tensors (llm-compressor) tensor: moqe reads moqe-quantized, "
-          "F32, F16 and BF16 weights; quantize the original checkpoint with `moqe quantize`)",
-          n);
+          " ('{}' is a compressed-tensors (llm-compressor) tensor, and {}: moqe reads them "
+          "through their config.json's quantization_config)",
+          n, config);
     }
     if (n.ends_with("_blocks") || n.ends_with(".absmax")) {
       return fmt::format(

@@ -22,13 +22,19 @@ QuantizedMatrix QuantizedMatrix::concat_rows(const QuantizedMatrix& a, const Qua
              "{}: cannot stack [{}, {}] {} on [{}, {}] {} (columns and code layout must match)",
              name, b.rows(), b.cols(), b.scheme().to_string(), a.rows(), a.cols(),
              a.scheme().to_string());
+  MOQE_CHECK(std::ranges::equal(a.input_order(), b.input_order()),
+             "{}: cannot stack matrices whose columns are stored in different input orders", name);
   auto cat = [](auto x, auto y) {
     std::vector<typename decltype(x)::value_type> out(x.begin(), x.end());
     out.insert(out.end(), y.begin(), y.end());
     return out;
   };
-  return from_parts(a.rows() + b.rows(), a.cols(), a.scheme(), cat(a.qweight(), b.qweight()),
-                    cat(a.scales(), b.scales()), cat(a.zeros(), b.zeros()), name);
+  QuantizedMatrix q =
+      from_parts(a.rows() + b.rows(), a.cols(), a.scheme(), cat(a.qweight(), b.qweight()),
+                 cat(a.scales(), b.scales()), cat(a.zeros(), b.zeros()), name);
+  q.order_ = a.order_;
+  q.inverse_ = a.inverse_;
+  return q;
 }
 
 QuantizedMatrix QuantizedMatrix::take_rows(int64_t first, int64_t count, int64_t step,
@@ -47,7 +53,11 @@ QuantizedMatrix QuantizedMatrix::take_rows(int64_t first, int64_t count, int64_t
     std::copy_n(scales_.begin() + r * ng, ng, sc.begin() + i * ng);
     if (!z.empty()) std::copy_n(zeros_.begin() + r * ng, ng, z.begin() + i * ng);
   }
-  return from_parts(count, cols_, scheme_, std::move(q), std::move(sc), std::move(z), name);
+  QuantizedMatrix out =
+      from_parts(count, cols_, scheme_, std::move(q), std::move(sc), std::move(z), name);
+  out.order_ = order_;
+  out.inverse_ = inverse_;
+  return out;
 }
 
 QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const QuantScheme& scheme,
@@ -97,7 +107,46 @@ QuantizedMatrix QuantizedMatrix::from_parts(int64_t rows, int64_t cols, const Qu
   return q;
 }
 
+void QuantizedMatrix::set_input_order(std::vector<int32_t> order, std::string_view name) {
+  if (order.empty()) {
+    order_.reset();
+    inverse_.reset();
+    return;
+  }
+  MOQE_CHECK(static_cast<int64_t>(order.size()) == cols_,
+             "{}: an input order of {} columns for {} columns", name, order.size(), cols_);
+  std::vector<int32_t> inv(order.size(), -1);
+  for (size_t c = 0; c < order.size(); ++c) {
+    const int32_t i = order[c];
+    MOQE_CHECK(i >= 0 && i < cols_ && inv[static_cast<size_t>(i)] < 0,
+               "{}: the input order is not a permutation of the {} columns (column {} at {})", name,
+               cols_, i, c);
+    inv[static_cast<size_t>(i)] = static_cast<int32_t>(c);
+  }
+  bool identity = true;
+  for (size_t c = 0; c < order.size() && identity; ++c) identity = order[c] == int32_t(c);
+  if (identity) {
+    order_.reset();
+    inverse_.reset();
+    return;
+  }
+  order_ = std::make_shared<const std::vector<int32_t>>(std::move(order));
+  inverse_ = std::make_shared<const std::vector<int32_t>>(std::move(inv));
+}
+
 void QuantizedMatrix::dequantize_row(int64_t r, float* out, uint8_t* codes) const {
+  if (!order_) {
+    dequantize_stored_row(r, out, codes);
+    return;
+  }
+  thread_local std::vector<float> stored;
+  stored.resize(static_cast<size_t>(cols_));
+  dequantize_stored_row(r, stored.data(), codes);
+  const int32_t* o = order_->data();
+  for (int64_t c = 0; c < cols_; ++c) out[o[c]] = stored[c];
+}
+
+void QuantizedMatrix::dequantize_stored_row(int64_t r, float* out, uint8_t* codes) const {
   const int64_t g = group_size();
   unpack_row(packed_row(r), cols_, bits(), codes);
   for (int64_t j = 0; j < groups_per_row(); ++j) {
@@ -108,6 +157,7 @@ void QuantizedMatrix::dequantize_row(int64_t r, float* out, uint8_t* codes) cons
 }
 
 float QuantizedMatrix::at(int64_t r, int64_t c) const {
+  if (inverse_) c = (*inverse_)[static_cast<size_t>(c)];
   const int64_t g = c / group_size();
   return dequantize_code(unpack_code(packed_row(r), c, bits()), zero(r, g), scale(r, g));
 }

@@ -26,16 +26,19 @@ struct FixtureCase {
   std::string name, family, prefix;
   int64_t k = 0;
   fs::path dir;
+  std::string format;  // tests/data/formats: gptq, awq or ct
 };
 
-inline std::vector<FixtureCase> fixture_cases() {
-  std::ifstream f(kFixtures / "cases.json");
+// The cases of a fixture directory's cases.json (tests/data/families by default, or
+// tests/data/formats, written by scripts/make_format_fixtures.py).
+inline std::vector<FixtureCase> fixture_cases(const fs::path& root = kFixtures) {
+  std::ifstream f(root / "cases.json");
   REQUIRE(f.good());
   const nlohmann::json j = nlohmann::json::parse(f);
   std::vector<FixtureCase> out;
   for (const auto& [name, meta] : j.at("cases").items()) {
     out.push_back({name, meta.at("family").get<std::string>(), meta.at("prefix").get<std::string>(),
-                   meta.at("k").get<int64_t>(), kFixtures / name});
+                   meta.value("k", int64_t{0}), root / name, meta.value("format", "")});
   }
   return out;
 }

@@ -33,11 +33,12 @@ enum class WeightStorage : uint8_t { kF32, kF16, kBF16, kQuantized };
 // calls without reallocation.
 struct LinearScratch {
   int64_t m = 0, k = 0, groups = 0;
-  std::vector<int8_t> q;    // [m, k], fast mode
-  std::vector<float> d;     // [m, k / 32], fast mode
-  std::vector<float> gsum;  // [m, groups], fast mode; AVX2 4-bit exact kernels: -z x group sums
-  std::vector<float> xp;    // [m, k], AVX-512 exact kernels and AVX2 4-bit ones (decode batches)
-  bool xp_scaled = false;   // AVX2 4-bit exact kernels: xp holds x scaled per code field
+  std::vector<int8_t> q;      // [m, k], fast mode
+  std::vector<float> d;       // [m, k / 32], fast mode
+  std::vector<float> gsum;    // [m, groups], fast mode; AVX2 4-bit exact kernels: -z x group sums
+  std::vector<float> xp;      // [m, k], AVX-512 exact kernels and AVX2 4-bit ones (decode batches)
+  bool xp_scaled = false;     // AVX2 4-bit exact kernels: xp holds x scaled per code field
+  std::vector<float> xorder;  // [m, k]: x in a matrix's stored column order (act-order weights)
 };
 
 // kExact keeps docs/design.md's numerics with fp32 activations: the dequantized weights
@@ -112,8 +113,10 @@ class QuantizedLinear {
   std::shared_ptr<const QuantizedMatrix> q_;            // the file layout (reference kernels)
   std::shared_ptr<const detail::PackedQuant> packed_;   // the SIMD layout, when isa_ uses one
   std::shared_ptr<const detail::KernelTable> kernels_;  // the SIMD kernels, when isa_ uses them
-  QuantScheme scheme_{};                                // quantized storage, as given
-  int64_t group_ = 0;                                   // its resolved group size
+  // The matrix's input order (QuantizedMatrix::input_order), when it has one.
+  std::shared_ptr<const std::vector<int32_t>> order_;
+  QuantScheme scheme_{};  // quantized storage, as given
+  int64_t group_ = 0;     // its resolved group size
   CpuIsa isa_ = CpuIsa::kReference;
   Numerics numerics_ = Numerics::kExact;
   void choose_kernel(Numerics requested = Numerics::kExact);

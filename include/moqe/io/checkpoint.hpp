@@ -6,11 +6,14 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "moqe/io/foreign.hpp"
 #include "moqe/io/safetensors.hpp"
 
 namespace moqe {
@@ -48,11 +51,22 @@ class Checkpoint {
   // value of the first file in files() order (shards of one checkpoint repeat the same keys).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
+  // The quantization_config of the config.json beside the checkpoint (kNone when there is none),
+  // read on first use: other tools' quantized weights are read in place through it
+  // (io/foreign.hpp). set_quantization names another config (a --config elsewhere).
+  const QuantizationConfig& quantization() const;
+  void set_quantization(QuantizationConfig q);
+
  private:
   void add_file(const std::filesystem::path& file);
   std::filesystem::path path_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::vector<std::filesystem::path> ignored_;
+  struct LazyQuantization {
+    std::once_flag once;
+    std::optional<QuantizationConfig> config;
+  };
+  std::unique_ptr<LazyQuantization> quantization_ = std::make_unique<LazyQuantization>();
   std::map<std::string, size_t, std::less<>> where_;  // tensor name -> index in files_
   std::map<std::string, std::string> metadata_;
 };

@@ -64,6 +64,10 @@ struct TensorReport {
   int64_t bytes_out = 0;
   double bits_per_weight = 0;  // exact, from bytes_out
   std::string note;            // why a matching tensor was not quantized, or adaptive detail
+  // Another tool's quantized weight (GPTQ, AWQ, compressed-tensors) rewritten in moqe's format
+  // with its own codes, scales and zero points: lossless, whatever the options ask; `error` is
+  // not measured (there is no original to compare with).
+  bool kept = false;
 };
 
 struct ConvertReport {

@@ -35,6 +35,7 @@ struct StoredScheme {
   int64_t rows = 0;    // of one expert's matrix, for a fused expert tensor
   int64_t cols = 0;
   ExpertStack stack;                  // experts == 0: a plain matrix
+  bool input_order = false;           // X.input_order I32 [K] holds the stored column order
   std::vector<int64_t> source_shape;  // a fused tensor's shape before quantization
 };
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -36,6 +37,17 @@ class QuantizedMatrix {
   QuantizedMatrix take_rows(int64_t first, int64_t count, int64_t step = 1,
                             std::string_view name = "matrix") const;
 
+  // Act-order checkpoints (GPTQ desc_act): the codes are stored with their columns in
+  // `order` (stored column c holds input column order[c], a permutation of 0..K-1) so that every
+  // group is contiguous; the matrix still means W [N, K] in the input's order. Empty: the
+  // identity. Errors name `name` when `order` is not a permutation of K.
+  void set_input_order(std::vector<int32_t> order, std::string_view name = "matrix");
+  std::span<const int32_t> input_order() const {
+    return order_ ? std::span<const int32_t>(order_->data(), order_->size())
+                  : std::span<const int32_t>();
+  }
+  bool has_input_order() const { return order_ != nullptr; }
+
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   int64_t numel() const { return rows_ * cols_; }
@@ -55,10 +67,13 @@ class QuantizedMatrix {
   int zero(int64_t r, int64_t g) const {
     return scheme_.has_zeros() ? zeros_[r * groups_per_row() + g] : scheme_.code_offset();
   }
-  // Dequantized element (r, c), the scalar reference.
+  // Dequantized element (r, c) (c in the input's order), the scalar reference.
   float at(int64_t r, int64_t c) const;
-  // Row r dequantized into out[0..K), the scalar reference; codes is scratch for K codes.
+  // Row r dequantized into out[0..K) in the input's order, the scalar reference; codes is
+  // scratch for K codes.
   void dequantize_row(int64_t r, float* out, uint8_t* codes) const;
+  // The same in stored column order (equal to dequantize_row without an input order).
+  void dequantize_stored_row(int64_t r, float* out, uint8_t* codes) const;
 
   // Bytes as stored: packed codes + scales at their storage width + zero points.
   int64_t storage_bytes() const;
@@ -75,6 +90,9 @@ class QuantizedMatrix {
   std::vector<uint8_t> qweight_;
   std::vector<float> scales_;
   std::vector<uint8_t> zeros_;
+  // Shared: copies and row selections of one matrix keep one permutation.
+  std::shared_ptr<const std::vector<int32_t>> order_;    // stored column -> input column
+  std::shared_ptr<const std::vector<int32_t>> inverse_;  // input column -> stored column
 };
 
 struct QuantizeOptions {
