@@ -1,4 +1,4 @@
-# Install rules and the relocatable CMake package (find_package(moqe CONFIG [COMPONENTS cuda])).
+# Install rules and the relocatable CMake package (find_package(moqe CONFIG [COMPONENTS cuda nccl mpi])).
 include(CMakePackageConfigHelpers)
 set(MOQE_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/moqe)
 
@@ -13,6 +13,12 @@ if(TARGET moqe_cuda)
     ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
     LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
   install(EXPORT moqeCudaTargets NAMESPACE moqe:: DESTINATION ${MOQE_CMAKE_DIR})
+endif()
+if(TARGET moqe_nccl)
+  install(TARGETS moqe_nccl EXPORT moqeNcclTargets
+    ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+    LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+  install(EXPORT moqeNcclTargets NAMESPACE moqe:: DESTINATION ${MOQE_CMAKE_DIR})
 endif()
 if(TARGET moqe_mpi)
   install(TARGETS moqe_mpi EXPORT moqeMpiTargets

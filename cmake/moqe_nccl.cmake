@@ -1,7 +1,8 @@
-# NCCL (shipped with the CUDA toolkit here, or installed beside it): NcclCommunicator is compiled
-# into moqe::cuda when nccl.h and libnccl are found. CMake has no FindNCCL module; this looks in
-# the toolkit's directories and in CMAKE_PREFIX_PATH / NCCL_ROOT.
-set(MOQE_WITH_NCCL AUTO CACHE STRING "NcclCommunicator in moqe::cuda: AUTO (when NCCL is found), ON, OFF")
+# NCCL (shipped with the CUDA toolkit here, or installed beside it): NcclCommunicator is the
+# component moqe::nccl (on top of moqe::cuda) when nccl.h and libnccl are found, so that programs
+# of moqe::cuda alone never load libnccl (~200 MB). CMake has no FindNCCL module; this looks in the
+# toolkit's directories and in CMAKE_PREFIX_PATH / NCCL_ROOT.
+set(MOQE_WITH_NCCL AUTO CACHE STRING "moqe::nccl (NcclCommunicator): AUTO (when NCCL is found), ON, OFF")
 set_property(CACHE MOQE_WITH_NCCL PROPERTY STRINGS AUTO ON OFF)
 set(MOQE_ENABLE_NCCL OFF)
 if(NOT MOQE_WITH_NCCL STREQUAL "OFF")
@@ -18,8 +19,12 @@ if(NOT MOQE_WITH_NCCL STREQUAL "OFF")
 endif()
 message(STATUS "moqe: NCCL communicator: ${MOQE_ENABLE_NCCL} ${MOQE_NCCL_LIBRARY}")
 if(MOQE_ENABLE_NCCL)
-  target_sources(moqe_cuda PRIVATE ${PROJECT_SOURCE_DIR}/cuda/nccl_communicator.cu)
-  target_include_directories(moqe_cuda PRIVATE ${MOQE_NCCL_INCLUDE_DIR})
-  target_link_libraries(moqe_cuda PUBLIC ${MOQE_NCCL_LIBRARY})
-  target_compile_definitions(moqe_cuda PUBLIC MOQE_HAVE_NCCL)
+  add_library(moqe_nccl ${PROJECT_SOURCE_DIR}/cuda/nccl_communicator.cu)
+  add_library(moqe::nccl ALIAS moqe_nccl)
+  set_target_properties(moqe_nccl PROPERTIES EXPORT_NAME nccl OUTPUT_NAME moqe_nccl)
+  target_include_directories(moqe_nccl PRIVATE ${MOQE_NCCL_INCLUDE_DIR})
+  target_link_libraries(moqe_nccl PUBLIC moqe::cuda ${MOQE_NCCL_LIBRARY})
+  target_compile_options(moqe_nccl PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>)
+  target_compile_definitions(moqe_nccl PUBLIC MOQE_HAVE_NCCL)
+  moqe_set_warnings(moqe_nccl)
 endif()

@@ -391,7 +391,7 @@ void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TO
 template <class TIn, class TOut>
 void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
                   MatrixView<TOut> y, const GemmEpilogue& epilogue, Stream stream,
-                  int64_t max_rows_hint) {
+                  int64_t max_rows_hint, const int32_t* expert_list) {
   check_operands("gemm_grouped", x, w, y);
   MOQE_CHECK(offsets != nullptr, "cuda::gemm_grouped: offsets is null ({} experts)",
              w.num_experts());
@@ -403,9 +403,11 @@ void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const
       max_rows_hint >= 0 ? max_rows_hint : std::min(x.rows(), std::max<int64_t>(8, 2 * mean));
   GemmArgs args = make_args(x, w, y, epilogue);
   args.offsets = offsets;
-  // Experts with rows: at most one per row.
+  args.expert_list = expert_list;
+  // Experts with rows: at most one per row. With a list of them the grid holds only those.
   const int64_t active = std::min(w.num_experts(), x.rows());
-  launch<act_index<TIn>()>(args, w, hint, static_cast<int>(w.num_experts()), active, stream);
+  const int64_t grid_experts = expert_list != nullptr ? active : w.num_experts();
+  launch<act_index<TIn>()>(args, w, hint, static_cast<int>(grid_experts), active, stream);
 }
 
 #define MOQE_CUDA_GEMM_INSTANTIATE(TIn, TOut)                                                  \
@@ -413,7 +415,7 @@ void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const
                                 MatrixView<TOut>, const GemmEpilogue&, Stream, int64_t);       \
   template void gemm_grouped<TIn, TOut>(MatrixView<const TIn>, const DeviceQuantizedMatrix&,   \
                                         const int64_t*, MatrixView<TOut>, const GemmEpilogue&, \
-                                        Stream, int64_t);
+                                        Stream, int64_t, const int32_t*);
 MOQE_CUDA_GEMM_INSTANTIATE(Half, Half)
 MOQE_CUDA_GEMM_INSTANTIATE(Half, BFloat16)
 MOQE_CUDA_GEMM_INSTANTIATE(Half, float)

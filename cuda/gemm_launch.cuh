@@ -23,9 +23,12 @@ struct GemmArgs {
   int64_t ldy = 0;
   OutType out_type = OutType::kF16;
   const int64_t* offsets = nullptr;  // [E + 1] (grouped), or nullptr: one expert of m rows
+  // Grouped: blockIdx.z indexes this device list of the experts with rows (-1: none), when
+  // given, instead of every expert (a decode step's grid holds only its active experts).
+  const int32_t* expert_list = nullptr;
   int64_t m = 0;
   int n = 0, k = 0;
-  int expert = 0;  // first expert (blockIdx.z is added)
+  int expert = 0;  // first expert (blockIdx.z, or expert_list[blockIdx.z], is added)
   // Weights of expert e start at base + e * stride.
   const uint8_t* qweight = nullptr;
   int64_t qweight_stride = 0;

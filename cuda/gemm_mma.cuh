@@ -140,7 +140,11 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const GemmArgs p) {
   constexpr int kUnroll = kMT == 4 ? 2 : (kMT == 2 ? 4 : 8);
   extern __shared__ float red[];  // [warps][kMT * 4][32]
 
-  const int z = static_cast<int>(blockIdx.z);
+  int z = static_cast<int>(blockIdx.z);
+  if (p.expert_list != nullptr) {
+    z = p.expert_list[z];
+    if (z < 0) return;  // fewer experts with rows than the grid holds
+  }
   const int64_t e = p.expert + z;
   int64_t row0 = 0, rows = p.m;
   if (p.offsets != nullptr) {

@@ -3,7 +3,9 @@
 // offsets by binary search in the sorted keys, and the element-wise kernels of the layer
 // (gather, combine, shared-expert add; the activation and the routing weights are GEMM
 // epilogues).
+#include <thrust/iterator/counting_iterator.h>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_select.cuh>
 
 #include "check.cuh"
 #include "moe_kernels.cuh"
@@ -131,6 +133,17 @@ __global__ void add_shared(const float* __restrict__ x, const float* __restrict_
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) y[t * h + c] += g * ys[t * h + c];
 }
 
+// Expert e has rows (the predicate of the active-expert selection).
+struct HasRows {
+  const int64_t* offsets;
+  __device__ bool operator()(int32_t e) const { return offsets[e + 1] > offsets[e]; }
+};
+
+// The active experts' length: at most one per kept slot.
+int64_t active_entries(int64_t max_slots, int64_t num_experts) {
+  return std::max<int64_t>(std::min(num_experts, max_slots), 1);
+}
+
 }  // namespace
 
 DeviceDispatch make_dispatch(int64_t max_slots, int64_t num_experts) {
@@ -151,6 +164,15 @@ DeviceDispatch make_dispatch(int64_t max_slots, int64_t num_experts) {
       nullptr, temp, d.keys.as<uint32_t>(), d.keys_sorted.as<uint32_t>(), d.slot.as<int32_t>(),
       d.row_slot.as<int32_t>(), static_cast<int>(n), 0, key_bits(num_experts)));
   d.sort_temp = DeviceBuffer(std::max<size_t>(temp, 1));
+  d.active =
+      DeviceBuffer(static_cast<size_t>(active_entries(max_slots, num_experts)) * sizeof(int32_t));
+  d.active_count = DeviceBuffer(sizeof(int32_t));
+  size_t select = 0;
+  MOQE_CUDA_CHECK(cub::DeviceSelect::If(nullptr, select, thrust::counting_iterator<int32_t>(0),
+                                        d.active.as<int32_t>(), d.active_count.as<int32_t>(),
+                                        static_cast<int>(num_experts),
+                                        HasRows{d.offsets.as<int64_t>()}));
+  d.select_temp = DeviceBuffer(std::max<size_t>(select, 1));
   return d;
 }
 
@@ -160,8 +182,11 @@ void build_dispatch(const DeviceRouting& routing, DeviceDispatch& d, Stream stre
              "cuda::build_dispatch: a routing of {} slots over {} experts does not fit a "
              "dispatch of {} slots over {}",
              n, e, d.max_slots, d.num_experts);
+  // No expert active until the selection below says which (-1 in every entry).
+  MOQE_CUDA_CHECK(cudaMemsetAsync(d.active.data(), 0xff, d.active.size(), stream));
   if (n == 0) {
     MOQE_CUDA_CHECK(cudaMemsetAsync(d.offsets.data(), 0, d.offsets.size(), stream));
+    MOQE_CUDA_CHECK(cudaMemsetAsync(d.active_count.data(), 0, d.active_count.size(), stream));
     return;
   }
   make_keys<<<grid_for(n), kThreads, 0, stream>>>(
@@ -185,6 +210,20 @@ void build_dispatch(const DeviceRouting& routing, DeviceDispatch& d, Stream stre
   scatter_slot_row<<<grid_for(n), kThreads, 0, stream>>>(
       d.row_slot.as<int32_t>(), d.offsets.as<int64_t>() + e, n, d.slot_row.as<int32_t>());
   MOQE_CUDA_CHECK(cudaGetLastError());
+  // The experts with rows, in increasing order, into the first entries of d.active: at most
+  // min(E, n) of them, which is the list's length.
+  size_t select = 0;
+  MOQE_CUDA_CHECK(cub::DeviceSelect::If(nullptr, select, thrust::counting_iterator<int32_t>(0),
+                                        d.active.as<int32_t>(), d.active_count.as<int32_t>(),
+                                        static_cast<int>(e), HasRows{d.offsets.as<int64_t>()}));
+  MOQE_CHECK(select <= d.select_temp.size(),
+             "cuda::build_dispatch: the expert selection needs {} bytes of temporary storage, {} "
+             "planned",
+             select, d.select_temp.size());
+  select = d.select_temp.size();
+  MOQE_CUDA_CHECK(cub::DeviceSelect::If(
+      d.select_temp.data(), select, thrust::counting_iterator<int32_t>(0), d.active.as<int32_t>(),
+      d.active_count.as<int32_t>(), static_cast<int>(e), HasRows{d.offsets.as<int64_t>()}, stream));
 }
 
 void download_dispatch(const DeviceDispatch& d, std::vector<int64_t>& offsets,

@@ -17,8 +17,8 @@ namespace {
 // weights of the slots, through row_slot) when given.
 template <class TIn>
 void run_mlp_rows(const DeviceExperts& m, const TIn* x, int64_t max_rows, const int64_t* offsets,
-                  TIn* a, float* y, const float* row_scale, const int32_t* row_slot,
-                  Stream stream) {
+                  const int32_t* expert_list, TIn* a, float* y, const float* row_scale,
+                  const int32_t* row_slot, Stream stream) {
   const int64_t hid = m.hidden, inter = m.intermediate;
   const MatrixView<const TIn> xv(x, max_rows, hid);
   const MatrixView<TIn> av(a, max_rows, inter);
@@ -31,8 +31,8 @@ void run_mlp_rows(const DeviceExperts& m, const TIn* x, int64_t max_rows, const 
   const MatrixView<const TIn> ain(a, max_rows, inter);
   const MatrixView<float> yv(y, max_rows, hid);
   if (offsets != nullptr) {
-    gemm_grouped<TIn, TIn>(xv, m.first, offsets, av, first, stream);
-    gemm_grouped<TIn, float>(ain, m.down, offsets, yv, second, stream);
+    gemm_grouped<TIn, TIn>(xv, m.first, offsets, av, first, stream, -1, expert_list);
+    gemm_grouped<TIn, float>(ain, m.down, offsets, yv, second, stream, -1, expert_list);
   } else {
     gemm<TIn, TIn>(xv, m.first, av, first, stream);
     gemm<TIn, float>(ain, m.down, yv, second, stream);
@@ -57,8 +57,9 @@ void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
   if (max_rows > 0) {
     detail::launch_gather<TIn>(x, hidden, ws.dispatch.row_slot.as<int32_t>(), slots, offsets + e,
                                max_rows, ws.xe.as<TIn>(), stream);
-    run_mlp_rows<TIn>(experts, ws.xe.as<TIn>(), max_rows, offsets, ws.a.as<TIn>(),
-                      ws.ye.as<float>(), ws.routing.weights.as<float>(),
+    // The grid covers the experts with rows only (the dispatch's list of them).
+    run_mlp_rows<TIn>(experts, ws.xe.as<TIn>(), max_rows, offsets, ws.dispatch.active.as<int32_t>(),
+                      ws.a.as<TIn>(), ws.ye.as<float>(), ws.routing.weights.as<float>(),
                       ws.dispatch.row_slot.as<int32_t>(), stream);
   }
   detail::launch_combine(x, ws.ye.as<float>(), ws.dispatch.slot_row.as<int32_t>(),
@@ -67,8 +68,8 @@ void run_layer(const DeviceRouter& router, const DeviceExperts& experts,
   if (shared.empty() || tokens == 0) return;
   detail::launch_convert<TIn>(x, tokens * hidden, ws.xs.as<TIn>(), stream);
   for (const MoELayer::Shared& s : shared) {
-    run_mlp_rows<TIn>(s.mlp, ws.xs.as<TIn>(), tokens, nullptr, ws.a.as<TIn>(), ws.ys.as<float>(),
-                      nullptr, nullptr, stream);
+    run_mlp_rows<TIn>(s.mlp, ws.xs.as<TIn>(), tokens, nullptr, nullptr, ws.a.as<TIn>(),
+                      ws.ys.as<float>(), nullptr, nullptr, stream);
     detail::launch_add_shared(x, ws.ys.as<float>(),
                               s.gate.size() > 0 ? s.gate.as<float>() : nullptr, o.active, tokens,
                               hidden, y, stream);

@@ -50,7 +50,7 @@ NcclUniqueId nccl_unique_id() {
 NcclCommunicator::NcclCommunicator(int device) : device_(device) {
   MOQE_CHECK(device >= 0 && device < device_count(),
              "NcclCommunicator: no CUDA device {} ({} present)", device, device_count());
-  MOQE_CUDA_CHECK(cudaSetDevice(device));
+  const detail::DeviceScope on(device);
   MOQE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 }
 
@@ -60,6 +60,7 @@ NcclCommunicator::NcclCommunicator(const NcclUniqueId& id, int ranks, int rank, 
              ranks);
   ncclUniqueId nid;
   std::memcpy(&nid, id.data(), sizeof nid);
+  const detail::DeviceScope on(device_);
   MOQE_NCCL_CHECK(ncclCommInitRank(&comm_, ranks, nid, rank));
   rank_ = rank;
   size_ = ranks;
@@ -68,18 +69,22 @@ NcclCommunicator::NcclCommunicator(const NcclUniqueId& id, int ranks, int rank, 
 std::unique_ptr<NcclCommunicator> NcclCommunicator::single(int device) {
   std::unique_ptr<NcclCommunicator> c(new NcclCommunicator(device));
   int devs[1] = {device};
+  const detail::DeviceScope on(device);
   MOQE_NCCL_CHECK(ncclCommInitAll(&c->comm_, 1, devs));
   return c;
 }
 
 NcclCommunicator::~NcclCommunicator() {
+  int previous = -1;
+  const bool restore = cudaGetDevice(&previous) == cudaSuccess;
   cudaSetDevice(device_);
   if (comm_ != nullptr) ncclCommDestroy(comm_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (restore) cudaSetDevice(previous);
 }
 
+// Callers hold a DeviceScope of device_: the staging buffers live on this rank's device.
 void NcclCommunicator::stage(size_t send_bytes, size_t recv_bytes) {
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));  // the staging buffers live on this rank's device
   if (send_buf_.size() < send_bytes) send_buf_ = DeviceBuffer(send_bytes);
   if (recv_buf_.size() < recv_bytes) recv_buf_ = DeviceBuffer(recv_bytes);
 }
@@ -90,8 +95,8 @@ void NcclCommunicator::all_to_all(std::span<const int64_t> send, std::span<int64
              "nccl all_to_all: {} values sent and {} received over {} ranks", send.size(),
              recv.size(), p);
   const size_t n = send.size() / p;
+  const detail::DeviceScope on(device_);
   stage(send.size_bytes(), recv.size_bytes());
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));
   auto* s = send_buf_.as<int64_t>();
   auto* r = recv_buf_.as<int64_t>();
   MOQE_CUDA_CHECK(
@@ -112,8 +117,8 @@ void NcclCommunicator::all_gather(std::span<const int64_t> send, std::span<int64
              "nccl all_gather: {} values sent, {} received over {} ranks", send.size(), recv.size(),
              size_);
   if (send.empty()) return;
+  const detail::DeviceScope on(device_);
   stage(send.size_bytes(), recv.size_bytes());
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));
   MOQE_CUDA_CHECK(cudaMemcpyAsync(send_buf_.data(), send.data(), send.size_bytes(),
                                   cudaMemcpyHostToDevice, stream_));
   MOQE_NCCL_CHECK(
@@ -126,8 +131,8 @@ void NcclCommunicator::all_gather(std::span<const int64_t> send, std::span<int64
 void NcclCommunicator::all_to_all_rows_device(const float* send, std::span<const int64_t> send_rows,
                                               float* recv, std::span<const int64_t> recv_rows,
                                               int64_t row_floats, Stream stream) {
-  detail::check_all_to_all_rows(*this, send, send_rows, recv, recv_rows, row_floats);
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));
+  moqe::detail::check_all_to_all_rows(*this, send, send_rows, recv, recv_rows, row_floats);
+  const detail::DeviceScope on(device_);
   const auto w = static_cast<size_t>(row_floats);
   size_t s_at = 0, r_at = 0;
   NcclGroup group;
@@ -145,12 +150,12 @@ void NcclCommunicator::all_to_all_rows_device(const float* send, std::span<const
 void NcclCommunicator::all_to_all_rows(const float* send, std::span<const int64_t> send_rows,
                                        float* recv, std::span<const int64_t> recv_rows,
                                        int64_t row_floats) {
-  const detail::RowCounts n =
-      detail::check_all_to_all_rows(*this, send, send_rows, recv, recv_rows, row_floats);
+  const moqe::detail::RowCounts n =
+      moqe::detail::check_all_to_all_rows(*this, send, send_rows, recv, recv_rows, row_floats);
   const size_t sb = static_cast<size_t>(n.sent * row_floats) * sizeof(float);
   const size_t rb = static_cast<size_t>(n.received * row_floats) * sizeof(float);
+  const detail::DeviceScope on(device_);
   stage(sb, rb);
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));
   if (sb > 0) {
     MOQE_CUDA_CHECK(cudaMemcpyAsync(send_buf_.data(), send, sb, cudaMemcpyHostToDevice, stream_));
   }
@@ -163,8 +168,8 @@ void NcclCommunicator::all_to_all_rows(const float* send, std::span<const int64_
 }
 
 void NcclCommunicator::barrier() {
+  const detail::DeviceScope on(device_);
   stage(sizeof(int64_t), sizeof(int64_t));
-  MOQE_CUDA_CHECK(cudaSetDevice(device_));
   MOQE_NCCL_CHECK(
       ncclAllReduce(send_buf_.data(), recv_buf_.data(), 1, ncclInt64, ncclSum, comm_, stream_));
   MOQE_CUDA_CHECK(cudaStreamSynchronize(stream_));

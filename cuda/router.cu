@@ -506,6 +506,19 @@ __global__ void capacity_factor_kernel(const int32_t* __restrict__ ids, uint8_t*
 
 // Switch expert_capacity: warp (sequence, expert) admits the expert's tokens of that sequence.
 // ends: the exclusive ends of the non-empty sequences (nullptr: one sequence of all tokens).
+// Sequence ends travel to the device by value, kEndsPerLaunch per launch: a kernel's parameters
+// are copied when it is launched (and kept by value in a captured CUDA graph), so no host buffer
+// has to outlive the call, and no pageable copy sits in the stream.
+constexpr int kEndsPerLaunch = 64;
+struct EndsChunk {
+  int64_t v[kEndsPerLaunch];
+};
+
+__global__ void store_ends_kernel(EndsChunk c, int count, int64_t* __restrict__ dst) {
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < count) dst[i] = c.v[i];
+}
+
 __global__ void switch_capacity_kernel(const int32_t* __restrict__ ids, uint8_t* __restrict__ kept,
                                        uint8_t* __restrict__ passthrough, int64_t tokens,
                                        const int64_t* __restrict__ ends, int64_t sequences,
@@ -712,14 +725,16 @@ void DeviceRouter::route(const float* x, int64_t tokens, int64_t ldx, DeviceRout
                c.tasks.size());
   }
   const bool switch_capacity = c.kind == RouterKind::kSwitch && c.expert_capacity > 0;
-  thread_local std::vector<int64_t> ends;  // of the non-empty sequences; grown once
-  ends.clear();
+  int64_t nonempty = 0;  // sequences with tokens: their ends go to the device
   if (switch_capacity && !o.sequence_lengths.empty()) {
     int64_t total = 0;
     for (int64_t s : o.sequence_lengths) {
-      MOQE_CHECK(s >= 0, "switch router: negative sequence length {}", s);
+      MOQE_CHECK(s >= 0 && s <= tokens, "switch router: sequence length {} for {} tokens", s,
+                 tokens);
       total += s;
-      if (s > 0) ends.push_back(total);
+      MOQE_CHECK(total <= tokens, "switch router: sequence lengths sum to more than {} tokens",
+                 tokens);
+      nonempty += s > 0 ? 1 : 0;
     }
     MOQE_CHECK(total == tokens, "switch router: sequence lengths sum to {}, not {} tokens", total,
                tokens);
@@ -780,12 +795,25 @@ void DeviceRouter::route(const float* x, int64_t tokens, int64_t ldx, DeviceRout
     expert_choice_kernel<<<static_cast<unsigned>(e), kChoiceThreads, 0, stream>>>(
         scores, o.active, tokens, e, k, c.expert_capacity, n_active, p.ids, p.weights, p.kept);
   } else if (switch_capacity) {
-    const int64_t sequences = o.sequence_lengths.empty() ? 1 : static_cast<int64_t>(ends.size());
+    const int64_t sequences = o.sequence_lengths.empty() ? 1 : nonempty;
     const int64_t* d_ends = nullptr;
     if (!o.sequence_lengths.empty()) {
       auto* dst = reinterpret_cast<int64_t*>(base + layout.seq_ends);
-      MOQE_CUDA_CHECK(cudaMemcpyAsync(dst, ends.data(), ends.size() * sizeof(int64_t),
-                                      cudaMemcpyHostToDevice, stream));
+      EndsChunk chunk{};
+      int filled = 0;
+      int64_t total = 0, stored = 0;
+      auto flush = [&] {
+        store_ends_kernel<<<1, kEndsPerLaunch, 0, stream>>>(chunk, filled, dst + stored);
+        stored += filled;
+        filled = 0;
+      };
+      for (int64_t s : o.sequence_lengths) {
+        total += s;
+        if (s == 0) continue;
+        chunk.v[filled++] = total;
+        if (filled == kEndsPerLaunch) flush();
+      }
+      if (filled > 0) flush();
       d_ends = dst;
     }
     if (sequences > 0) {

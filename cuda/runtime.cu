@@ -5,14 +5,35 @@
 
 namespace moqe::cuda {
 
-int device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver / no device" error
-    return 0;
-  }
-  return n;
+namespace {
+
+// The outcome of the first device query, kept: CUDA reports a missing driver or device once.
+struct Devices {
+  int count = 0;
+  std::string error;  // why count is 0, when the runtime said
+};
+
+const Devices& devices() {
+  static const Devices d = [] {
+    Devices r;
+    const cudaError_t e = cudaGetDeviceCount(&r.count);
+    if (e != cudaSuccess) {
+      r.count = 0;
+      r.error = MOQE_FORMAT("{} ({})", cudaGetErrorName(e), cudaGetErrorString(e));
+      cudaGetLastError();  // clear the sticky "no driver / no device" error
+    } else if (r.count == 0) {
+      r.error = "the CUDA runtime reports no device";
+    }
+    return r;
+  }();
+  return d;
 }
+
+}  // namespace
+
+int device_count() { return devices().count; }
+
+std::string device_error() { return devices().error; }
 
 std::string device_name(int device) {
   MOQE_CHECK(device >= 0 && device < device_count(), "no CUDA device {} ({} present)", device,
@@ -42,14 +63,21 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   return *this;
 }
 
+// A copy from pageable memory through cudaMemcpy may return before the device has the data
+// (the runtime stages it); the copies here go through the calling thread's default stream and
+// wait for it, so the data is in place for work on any stream once they return.
 void DeviceBuffer::upload(const void* host, size_t bytes) {
   MOQE_CHECK(bytes <= bytes_, "upload of {} bytes into a device buffer of {}", bytes, bytes_);
-  if (bytes > 0) MOQE_CUDA_CHECK(cudaMemcpy(data_, host, bytes, cudaMemcpyHostToDevice));
+  if (bytes == 0) return;
+  MOQE_CUDA_CHECK(cudaMemcpyAsync(data_, host, bytes, cudaMemcpyHostToDevice, cudaStreamPerThread));
+  MOQE_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
 }
 
 void DeviceBuffer::download(void* host, size_t bytes) const {
   MOQE_CHECK(bytes <= bytes_, "download of {} bytes from a device buffer of {}", bytes, bytes_);
-  if (bytes > 0) MOQE_CUDA_CHECK(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost));
+  if (bytes == 0) return;
+  MOQE_CUDA_CHECK(cudaMemcpyAsync(host, data_, bytes, cudaMemcpyDeviceToHost, cudaStreamPerThread));
+  MOQE_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
 }
 
 }  // namespace moqe::cuda

@@ -1,7 +1,8 @@
 // 08: an MoE layer on the GPU. Writes a Mixtral-shaped checkpoint, quantizes its experts to int4
 // (group 128), loads the layer on the CPU and on the GPU (moqe::cuda::MoELayer: weights uploaded
 // once, workspace planned once), runs the same tokens on both and compares outputs and routing,
-// then times decode steps on the GPU. Exits 77 (ctest: skipped) when there is no CUDA device.
+// then times decode steps on the GPU. Exits 77 (ctest: skipped) when there is no CUDA device, 1
+// with MOQE_REQUIRE_GPU=1.
 //
 //   ./08_cuda_moe [--small]
 #include <unistd.h>
@@ -11,13 +12,17 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 
 int main(int argc, char** argv) {
   const bool small = argc > 1 && std::string(argv[1]) == "--small";
   if (moqe::cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to run (skipped)\n");
-    return 77;
+    const char* required = std::getenv("MOQE_REQUIRE_GPU");
+    const bool fail = required != nullptr && std::string(required) == "1";
+    std::printf("no CUDA device (%s): %s\n", moqe::cuda::device_error().c_str(),
+                fail ? "MOQE_REQUIRE_GPU=1, so this is a failure" : "nothing to run (skipped)");
+    return fail ? 1 : 77;
   }
   std::printf("device: %s\n", moqe::cuda::device_name(0).c_str());
   const auto dir = std::filesystem::temp_directory_path() / fmt::format("moqe-ex08-{}", getpid());

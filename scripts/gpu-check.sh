@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of moqe, for a lent GPU machine (device time is scarce: one step per call, each
-# well under 10 minutes). Results go to $OUT (or ./gpu-out): logs and benchmark JSON, named by
+# The GPU checks of moqe step by step, for a GPU machine held for longer than the lent ones (for
+# those, scripts/gpu-first.sh runs everything in one prepared command). Results go to $OUT (or ./gpu-out): logs and benchmark JSON, named by
 # step. The build directory persists between calls on a warm machine. On a machine without the
 # build dependencies, carry them (scripts/gpu-deps.sh) and unpack them first.
 #
@@ -41,6 +41,10 @@ step_test() {
   "$build/tests/moqe_cuda_tests" --durations yes >"$out/cuda-tests.log" 2>&1
   local rc=$?
   tail -4 "$out/cuda-tests.log"
+  if [ -x "$build/tests/moqe_nccl_tests" ]; then
+    timeout 90 "$build/tests/moqe_nccl_tests" >"$out/nccl-tests.log" 2>&1 || rc=1
+    tail -4 "$out/nccl-tests.log"
+  fi
   ctest --test-dir "$build" -j "$jobs" --output-on-failure >"$out/ctest.log" 2>&1 || rc=1
   tail -4 "$out/ctest.log"
   return $rc
@@ -49,7 +53,7 @@ step_test() {
 step_sanitize() {
   local rc=0 t="$build/tests/moqe_cuda_tests"
   # One representative case per kernel family keeps each tool within minutes.
-  local cases='cuda: quantize*,cuda gemm: M = 0*,cuda gemm_grouped*,cuda router*,cuda moe*,nccl*'
+  local cases='cuda: quantize*,cuda gemm: M = 0*,cuda gemm_grouped*,cuda router*,cuda moe*'
   for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" "$cases" \
       >"$out/sanitizer-$tool.log" 2>&1 || rc=1

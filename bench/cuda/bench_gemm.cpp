@@ -245,8 +245,11 @@ void register_moe_benchmarks();  // bench_moe.cpp
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (moqe::cuda::device_count() == 0) {
-    std::printf("moqe_bench_cuda: no CUDA device found; nothing to measure (exit 0)\n");
-    return 0;
+    const char* required = std::getenv("MOQE_REQUIRE_GPU");
+    const bool fail = required != nullptr && std::string(required) == "1";
+    std::printf("moqe_bench_cuda: no CUDA device (%s); nothing to measure (exit %d)\n",
+                moqe::cuda::device_error().c_str(), fail ? 1 : 0);
+    return fail ? 1 : 0;
   }
   std::printf("moqe_bench_cuda on %s\n", moqe::cuda::device_name(0).c_str());
   register_all();

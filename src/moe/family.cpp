@@ -479,7 +479,6 @@ MOQE_NAMES(kMtDbrx, "dbrx");
 MOQE_NAMES(kArDbrx, "DbrxForCausalLM");
 #undef MOQE_NAMES
 
-constexpr std::string_view kSoftmaxTopk = "softmax, top-k";
 constexpr std::string_view kV3Routing =
     "sigmoid; top-k of sigmoid + e_score_correction_bias within the topk_group best of n_group "
     "groups (scored by their top 2); weights the sigmoids, renormalized iff norm_topk_prob "

@@ -133,7 +133,7 @@ cuda::DeviceBuffer poisoned_out(Out out, int64_t count) {
 void run_gemm(Act act, Out out, const cuda::DeviceBuffer& x, int64_t m, int64_t k, int64_t ldx,
               const cuda::DeviceQuantizedMatrix& w, const int64_t* offsets, cuda::DeviceBuffer& y,
               int64_t n, int64_t ldy, int64_t expert = 0, int64_t hint = -1,
-              const cuda::GemmEpilogue& epilogue = {}) {
+              const cuda::GemmEpilogue& epilogue = {}, const int32_t* expert_list = nullptr) {
   auto with_out = [&](auto in_tag) {
     using TIn = decltype(in_tag);
     const MatrixView<const TIn> xv(m == 0 ? nullptr : x.as<const TIn>(), m, k, ldx);
@@ -141,7 +141,7 @@ void run_gemm(Act act, Out out, const cuda::DeviceBuffer& x, int64_t m, int64_t 
       using TOut = decltype(out_tag);
       const MatrixView<TOut> yv(m == 0 ? nullptr : y.as<TOut>(), m, n, ldy);
       if (offsets != nullptr) {
-        cuda::gemm_grouped(xv, w, offsets, yv, epilogue, nullptr, hint);
+        cuda::gemm_grouped(xv, w, offsets, yv, epilogue, nullptr, hint, expert_list);
       } else {
         cuda::gemm(xv, w, yv, epilogue, nullptr, expert);
       }
@@ -485,6 +485,27 @@ TEST_CASE("cuda gemm_grouped: experts of any size, empty ones included, in one l
           for (size_t e = 0; e < rows.size(); ++e) {
             CHECK(check_rows(y, ldy, out, x.values, offsets[e], rows[e], experts[e], dw.path()) ==
                   0);
+          }
+          // With a list of the experts that have rows (in reverse order, -1 after them), the
+          // grid covers those only: the same results, bit for bit.
+          if (m > 0) {
+            std::vector<int32_t> list;
+            for (int e = static_cast<int>(rows.size()) - 1; e >= 0; --e) {
+              if (rows[static_cast<size_t>(e)] > 0) list.push_back(e);
+            }
+            list.resize(static_cast<size_t>(std::min<int64_t>(5, m)), -1);
+            const cuda::DeviceBuffer ld = upload(list);
+            cuda::DeviceBuffer yl = poisoned_out(out, m * ldy);
+            run_gemm(act, out, xd, m, k, k, dw, od.as<const int64_t>(), yl, n, ldy, 0, hint, {},
+                     ld.as<const int32_t>());
+            const std::vector<float> y_list = download_out(yl, out, m * ldy);
+            for (size_t j = 0; j < y.size(); ++j) {
+              if (std::isnan(y[j])) {
+                REQUIRE(std::isnan(y_list[j]));  // the stride's padding, never written
+              } else {
+                REQUIRE(y_list[j] == y[j]);
+              }
+            }
           }
         }
       }

@@ -10,6 +10,7 @@
 // for the shared expert's path and the routing weights' products. bf16 (u = 2^-8) gets 2^-6.
 // Routing is compared exactly: logits differ only by fp32 summation order (~1e-6 relative), and a
 // near-tie that close is rare on random data (a failure there would name the token).
+#include <cuda_runtime.h>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -220,6 +221,20 @@ TEST_CASE("cuda moe: dispatch groups kept slots by expert in token order", "[cud
   for (size_t i = 0; i < slot_row.size(); ++i) {
     CHECK(slot_row[i] == plan.slot_row()[i]);
   }
+  // The experts with rows (0, 1 and 3 here; 2 and 4 have none), then -1: the grouped GEMMs'
+  // grid. min(E, slots) = 5 entries.
+  std::vector<int32_t> active_list(5), want;
+  int32_t count = 0;
+  d.active.download(std::span<int32_t>(active_list));
+  d.active_count.download(&count, sizeof count);
+  for (int64_t e = 0; e < 5; ++e) {
+    if (offsets[static_cast<size_t>(e + 1)] > offsets[static_cast<size_t>(e)]) {
+      want.push_back(static_cast<int32_t>(e));
+    }
+  }
+  CHECK(count == static_cast<int32_t>(want.size()));
+  want.resize(5, -1);
+  CHECK(active_list == want);
 }
 
 TEST_CASE("cuda moe: unquantized experts are refused with the tensor's name", "[cuda][moe]") {
@@ -313,5 +328,73 @@ TEST_CASE("cuda moe: the transformers families on the device match the CPU layer
     cuda::download(ws.routing, r);
     CHECK(r.ids == hws.routing.ids);
     CHECK(test::rel_err(got, want) < 1.0 / 512);  // two fp16 roundings (see the top of the file)
+  }
+}
+
+TEST_CASE("cuda moe: one decode step captured in a CUDA graph replays as the direct run",
+          "[cuda][moe][graph]") {
+  MOQE_REQUIRE_DEVICE();
+  // run() is a fixed sequence of launches on one stream, with no host round trip: it can be
+  // captured once and replayed for every decode step (new x in the same buffer).
+  for (const char* family : {"mixtral", "deepseek_v3"}) {
+    DYNAMIC_SECTION(family) {
+      test::TempDir dir;
+      SyntheticMoeSpec s;
+      s.family = family;
+      s.hidden = 256;
+      s.intermediate = 128;
+      s.experts = 8;
+      s.top_k = 2;
+      s.n_group = 4;
+      s.topk_group = 2;
+      s.shared_intermediate = std::string(family) == "deepseek_v3" ? 128 : 0;
+      s.dtype = DType::kBF16;
+      write_synthetic_moe(dir.path(), s);
+      ConvertOptions q;
+      q.bits = 4;
+      q.group_policy = GroupPolicy::kFixed;
+      q.group_size = 64;
+      q.include_regex = "experts?\\.";
+      quantize_checkpoint(Checkpoint(dir.path()), dir / "q.safetensors", q);
+      const Checkpoint ckpt(dir / "q.safetensors");
+      const MoeConfig config = read_moe_config(dir / "config.json", *parse_family(family));
+      const cuda::MoELayer gpu = cuda::MoELayer::load(ckpt, synthetic_moe_prefix(s), config);
+      const int64_t h = s.hidden;
+      for (const int64_t t : {int64_t{1}, int64_t{4}}) {
+        INFO("tokens " << t);
+        auto ws = gpu.make_workspace(t);
+        cudaStream_t stream = nullptr;
+        REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+        cuda::DeviceBuffer dx(static_cast<size_t>(t * h) * 4), dy(static_cast<size_t>(t * h) * 4);
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+        gpu.run(dx.as<float>(), dy.as<float>(), t, ws, {}, stream);
+        REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
+        REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+        for (uint32_t step = 0; step < 3; ++step) {
+          INFO("step " << step);
+          std::mt19937 rng(step + 11);
+          std::normal_distribution<float> g(0.0f, 1.0f);
+          std::vector<float> x(static_cast<size_t>(t * h)), poison(x.size(), std::nanf(""));
+          for (auto& v : x) v = g(rng);
+          dx.upload(std::span<const float>(x));
+          dy.upload(std::span<const float>(poison));
+          REQUIRE(cudaGraphLaunch(exec, stream) == cudaSuccess);
+          REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+          std::vector<float> replayed(x.size()), direct(x.size());
+          dy.download(std::span<float>(replayed));
+          dy.upload(std::span<const float>(poison));
+          gpu.run(dx.as<float>(), dy.as<float>(), t, ws, {}, stream);
+          REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+          dy.download(std::span<float>(direct));
+          for (size_t i = 0; i < direct.size(); ++i) REQUIRE(std::isfinite(direct[i]));
+          CHECK(replayed == direct);  // the same launches on the same data: bit for bit
+        }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        cudaStreamDestroy(stream);
+      }
+    }
   }
 }

@@ -30,7 +30,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kFormats = MOQE_FORMAT_FIXTURES;
+const fs::path kFormats = test_data("formats", MOQE_FORMAT_FIXTURES);
 
 std::vector<float> run_layer(const MoELayer& layer, const Expected& e, Routing* routing = nullptr) {
   std::vector<float> y(e.x.size());

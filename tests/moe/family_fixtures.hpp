@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -20,7 +21,14 @@ namespace moqe::test {
 
 namespace fs = std::filesystem;
 
-inline const fs::path kFixtures = MOQE_FAMILY_FIXTURES;
+// MOQE_TEST_DATA (a copy of tests/data elsewhere, as on a GPU machine that runs binaries built
+// here) overrides the source tree's path compiled in.
+inline fs::path test_data(const char* sub, const char* compiled) {
+  const char* env = std::getenv("MOQE_TEST_DATA");
+  return env != nullptr && *env != '\0' ? fs::path(env) / sub : fs::path(compiled);
+}
+
+inline const fs::path kFixtures = test_data("families", MOQE_FAMILY_FIXTURES);
 
 struct FixtureCase {
   std::string name, family, prefix;

@@ -129,11 +129,14 @@ void gemm(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, MatrixView<TO
 // host passes as x.rows()). `offsets` is a device array of E + 1 non-decreasing int64 values
 // starting at 0. An expert with no rows reads no weights; nothing is padded. `max_rows_hint`, an
 // estimate of the largest expert's rows (< 0: x.rows()), only sets how many blocks run per expert:
-// results never depend on it.
+// results never depend on it. `expert_list` (optional, device int32 [min(E, x.rows())]): the
+// experts that have rows, each once, any order, the rest of the entries -1 (build_dispatch makes
+// it): the launch then covers those entries instead of all E experts (at one token of an 8-expert
+// top-2 layer, 2 of 8; of a 256-expert top-8 layer, 8 of 256). Results are the same.
 template <class TIn, class TOut>
 void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
                   MatrixView<TOut> y, const GemmEpilogue& epilogue, Stream stream = nullptr,
-                  int64_t max_rows_hint = -1);
+                  int64_t max_rows_hint = -1, const int32_t* expert_list = nullptr);
 template <class TIn, class TOut>
 void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const int64_t* offsets,
                   MatrixView<TOut> y, Stream stream = nullptr, int64_t max_rows_hint = -1) {
@@ -145,7 +148,7 @@ void gemm_grouped(MatrixView<const TIn> x, const DeviceQuantizedMatrix& w, const
                                        MatrixView<TOut>, const GemmEpilogue&, Stream, int64_t); \
   extern template void gemm_grouped<TIn, TOut>(                                                 \
       MatrixView<const TIn>, const DeviceQuantizedMatrix&, const int64_t*, MatrixView<TOut>,    \
-      const GemmEpilogue&, Stream, int64_t);
+      const GemmEpilogue&, Stream, int64_t, const int32_t*);
 MOQE_CUDA_GEMM_EXTERN(Half, Half)
 MOQE_CUDA_GEMM_EXTERN(Half, BFloat16)
 MOQE_CUDA_GEMM_EXTERN(Half, float)

@@ -43,7 +43,11 @@ struct DeviceDispatch {
   DeviceBuffer slot, row_slot;     // int32 [max_slots]: slot index, sorted by expert
   DeviceBuffer offsets;            // int64 [E + 1]
   DeviceBuffer slot_row;           // int32 [max_slots]: row of a kept slot, -1 otherwise
-  DeviceBuffer sort_temp;          // CUB's temporary storage
+  // int32 [min(E, max_slots)]: the experts with rows in increasing order, then -1s (the grouped
+  // GEMMs' grid), and int32 [1] their count.
+  DeviceBuffer active, active_count;
+  DeviceBuffer sort_temp;    // CUB's temporary storage (the sort)
+  DeviceBuffer select_temp;  // CUB's temporary storage (the active experts)
 };
 DeviceDispatch make_dispatch(int64_t max_slots, int64_t num_experts);
 // Groups the routing's kept slots by expert (asynchronous).

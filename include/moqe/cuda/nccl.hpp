@@ -1,6 +1,6 @@
-// NcclCommunicator: moqe's Communicator over NCCL (inside moqe::cuda when NCCL is found; the
-// macro MOQE_HAVE_NCCL is then defined for users of moqe::cuda). No CUDA or NCCL header is needed
-// to include this file.
+// NcclCommunicator: moqe's Communicator over NCCL, the component moqe::nccl (built when NCCL is
+// found; linking it defines MOQE_HAVE_NCCL). No CUDA or NCCL header is needed to include this
+// file.
 //
 // Two interfaces:
 // - Communicator's (host memory): buffers are staged through device memory, synchronously, so

@@ -15,6 +15,9 @@ using Stream = CUstream_st*;  // cudaStream_t; nullptr is the default stream
 
 // Number of usable devices; 0 when there is no device or no driver (never throws).
 int device_count();
+// Why device_count() is 0, as the CUDA runtime said it ("cudaErrorNoDevice (no CUDA-capable
+// device is detected)", a driver too old for the runtime, ...); "" when there are devices.
+std::string device_error();
 // "NVIDIA H100 80GB HBM3 (sm_90)". Throws moqe::Error for an invalid index.
 std::string device_name(int device = 0);
 
@@ -36,7 +39,9 @@ class DeviceBuffer {
   }
   size_t size() const { return bytes_; }
 
-  // Synchronous copies; sizes are checked against the buffer.
+  // Synchronous copies: complete when the call returns (an upload is visible to later work on
+  // any stream). They do not wait for other streams: a download of what a kernel on a stream of
+  // the caller's writes needs that stream synchronized first. Sizes are checked.
   void upload(const void* host, size_t bytes);
   void download(void* host, size_t bytes) const;
   template <class T>
