@@ -5,6 +5,7 @@
 // counts the weight bytes of the experts the batch routes to (what the layer must read).
 // Weights: f16, w8_channel, w4_g128, w3_g64, w2_g128 (exact numerics) and w4_g128_fast (fast mode:
 // activations quantized to int8 per 32-block, see BM_Gemv).
+// BM_RouterLogits: see below.
 // BM_MoeLayerBf16/<shape>/w4_g128/tokens:<T>: the same layer on bf16 hidden states in and out
 // (MoELayer::run<BFloat16>), beside BM_MoeLayer/<shape>/w4_g128: the cost of 16-bit activations.
 #include <benchmark/benchmark.h>
@@ -104,7 +105,52 @@ void BM_MoeLayer(benchmark::State& state, const Shape& shape, const std::string&
   rate.report(state, bytes / static_cast<double>(state.iterations()), static_cast<double>(t));
 }
 
+// BM_RouterLogits/<router>/impl:<impl>/tokens:<T>: the router's logits x [T, H] . Wg^T, through
+// Router::logits (moqe's dense fp32 kernels, impl:kernels) beside the plain fp32 loop it replaced
+// (matmul_nt_f32, impl:loop). Routers: mixtral (8 x 4096), qwen3 (128 x 2048), deepseek_v3
+// (256 x 7168). items_per_second counts tokens.
+void BM_RouterLogits(benchmark::State& state, int64_t e, int64_t h, bool kernels) {
+  const int64_t t = state.range(0);
+  moqe::RouterConfig rc;
+  rc.kind = moqe::RouterKind::kSoftmaxTopK;
+  rc.num_experts = e;
+  rc.top_k = 2;
+  const moqe::Router router(rc, moqe::synthetic_weights(e, h, 5), h);
+  const std::vector<float> x = moqe::synthetic_weights(t, h, 6);
+  std::vector<float> out(static_cast<size_t>(t * e));
+  const moqe::MatrixView<const float> xv(x.data(), t, h);
+  const moqe::MatrixView<float> ov(out.data(), t, e);
+  const moqe::MatrixView<const float> wv(router.gate_weight().data(), e, h);
+  for (auto _ : state) {
+    if (kernels) {
+      router.logits(xv, ov, kThreads);
+    } else {
+      moqe::matmul_nt_f32(xv, wv, ov, kThreads);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * t);
+}
+
 const bool registered = [] {
+  struct RouterShape {
+    const char* name;
+    int64_t e, h;
+  };
+  for (const RouterShape r : {RouterShape{"mixtral", 8, 4096}, RouterShape{"qwen3", 128, 2048},
+                              RouterShape{"deepseek_v3", 256, 7168}}) {
+    for (const bool kernels : {false, true}) {
+      const std::string name =
+          std::string("BM_RouterLogits/") + r.name + (kernels ? "/impl:kernels" : "/impl:loop");
+      benchmark::RegisterBenchmark(name.c_str(), BM_RouterLogits, r.e, r.h, kernels)
+          ->ArgName("tokens")
+          ->Arg(1)
+          ->Arg(16)
+          ->Arg(256)
+          ->Unit(benchmark::kMicrosecond);
+    }
+  }
   const Shape shapes[] = {{"mixtral", 4096, 14336, 8, 2}, {"e64k6", 2048, 1408, 64, 6}};
   for (const Shape& s : shapes) {
     for (const char* w : {"f16", "w8_channel", "w4_g128", "w3_g64", "w2_g128", "w4_g128_fast"}) {

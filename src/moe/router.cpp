@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "moqe/core/threading.hpp"
-#include "moqe/gemm/reference.hpp"
+#include "moqe/gemm/linear.hpp"
 
 namespace moqe {
 namespace {
@@ -241,6 +241,8 @@ Router::Router(RouterConfig config, std::vector<float> gate_weight, int64_t hidd
     MOQE_CHECK(hidden > 0 && static_cast<int64_t>(gate_.size()) == config_.num_experts * hidden,
                "{} router: the gate weight holds {} values, expected [{}, {}]",
                to_string(config_.kind), gate_.size(), config_.num_experts, hidden);
+    gate_linear_ = std::make_shared<const QuantizedLinear>(
+        QuantizedLinear::from_f32(gate_, config_.num_experts, hidden));
   }
 }
 
@@ -250,8 +252,11 @@ int64_t Router::slots_per_token() const {
 
 void Router::logits(MatrixView<const float> x, MatrixView<float> out, int num_threads) const {
   MOQE_CHECK(config_.kind != RouterKind::kTask, "the task router has no logits");
-  matmul_nt_f32(x, MatrixView<const float>(gate_.data(), config_.num_experts, hidden_), out,
-                num_threads);
+  MOQE_CHECK(x.cols() == hidden_ && out.rows() == x.rows() && out.cols() == config_.num_experts,
+             "{} router: logits of x {} into {}, expected [{}, {}] into [{}, {}]",
+             to_string(config_.kind), shape_string(x), shape_string(out), x.rows(), hidden_,
+             x.rows(), config_.num_experts);
+  gate_linear_->forward(x, out, num_threads);
   if (!config_.router_bias.empty()) {
     for (int64_t t = 0; t < out.rows(); ++t) {
       for (int64_t i = 0; i < config_.num_experts; ++i) out(t, i) += config_.router_bias[i];

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -16,6 +17,8 @@
 #include "moqe/core/view.hpp"
 
 namespace moqe {
+
+class QuantizedLinear;
 
 enum class RouterKind : uint8_t {
   kSoftmaxTopK,   // p = softmax(logits); top-k of p (+ correction_bias when given); weights p,
@@ -125,14 +128,16 @@ class Router {
   int64_t slots_per_token() const;
   std::span<const float> gate_weight() const { return {gate_.data(), gate_.size()}; }
 
-  // logits [T, E] = x [T, H] . Wg^T in fp32.
+  // logits [T, E] = x [T, H] . Wg^T in fp32, through moqe's dense fp32 kernels (the CPU's best
+  // level; gemm/linear.hpp), plus the router bias when there is one.
   void logits(MatrixView<const float> x, MatrixView<float> out, int num_threads = 0) const;
   // Routes x [T, H] into `out` (reusing its buffers).
   void route(MatrixView<const float> x, Routing& out, const RouteOptions& options = {}) const;
 
  private:
   RouterConfig config_;
-  std::vector<float> gate_;  // [E, H]
+  std::vector<float> gate_;                             // [E, H]
+  std::shared_ptr<const QuantizedLinear> gate_linear_;  // gate_ as a dense fp32 layer
   int64_t hidden_ = 0;
 };
 
