@@ -222,6 +222,7 @@ void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y,
   // the others waiting forever for this one.
   std::exception_ptr local_error;
   int64_t rows = 0;
+  const Routing* routing = &ws.routing;
   try {
     MOQE_CHECK(x.cols() == h && y.rows() == t_count && y.cols() == h,
                "ExpertParallelMoELayer (hidden {}): input {} and output {} do not fit", h,
@@ -230,8 +231,15 @@ void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y,
                "ExpertParallelMoELayer: {} tokens exceed the workspace's {}", t_count,
                ws.max_tokens);
     // Route this rank's tokens; group the kept rows by (destination rank, local expert there).
-    router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
-    ws.plan.build(ws.routing, bucket_);
+    // (A given routing, MoeRunOptions::routing, in place of the router's.)
+    if (o.routing != nullptr) {
+      detail::check_given_routing(*o.routing, t_count, router_.num_experts(),
+                                  "ExpertParallelMoELayer");
+      routing = o.routing;
+    } else {
+      router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
+    }
+    ws.plan.build(*routing, bucket_);
     rows = ws.plan.rows();
     gather_rows(ws.plan, x, MatrixView<float>(ws.xe.data(), rows, h), threads, weight_placement());
     int64_t b = 0;
@@ -329,7 +337,7 @@ void ExpertParallelMoELayer::run(MatrixView<const float> x, MatrixView<float> y,
   comm_->all_to_all_rows(ws.xr.data(), ws.recv_rows, ws.ye.data(), ws.send_rows, h);
 
   combine_rows(ws.plan, MatrixView<const float>(ye), y, threads, weight_placement());
-  detail::finish_layer(x, y, ws.routing, shared_, residual_, output_bias_, o.active,
+  detail::finish_layer(x, y, *routing, shared_, residual_, output_bias_, o.active,
                        {ws.max_tokens, &ws.scratch, &ws.extra, &ws.active_tokens}, threads);
 
   // Statistics of the step.

@@ -20,6 +20,11 @@ struct LayerTailBuffers {
   std::vector<int32_t>* active_tokens = nullptr;  // capacity max_tokens
 };
 
+// Checks a routing the caller computed (MoeRunOptions::routing) for a run of `tokens` tokens over
+// `num_experts` experts: sizes, kept slots naming experts in range with finite weights.
+void check_given_routing(const Routing& r, int64_t tokens, int64_t num_experts,
+                         std::string_view who);
+
 // Checks the shared experts and the residual MLP of a layer of hidden size `hidden` (messages
 // begin with `who`); returns the largest intermediate size among them (0 when there are none).
 int64_t check_layer_tail(std::span<const SharedExpert> shared,

@@ -92,8 +92,14 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
   MOQE_CHECK(t_count <= ws.max_tokens, "MoELayer: {} tokens exceed the workspace's {}", t_count,
              ws.max_tokens);
   const int threads = o.num_threads;
-  router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
-  ws.plan.build(ws.routing);
+  const Routing* routing = &ws.routing;
+  if (o.routing != nullptr) {
+    detail::check_given_routing(*o.routing, t_count, num_experts(), "MoELayer");
+    routing = o.routing;
+  } else {
+    router_.route(x, ws.routing, {threads, o.active, o.sequence_lengths, o.task_id, o.task_ids});
+  }
+  ws.plan.build(*routing);
   const int64_t rows = ws.plan.rows();
   MOQE_CHECK(rows * h <= static_cast<int64_t>(ws.xe.size()),
              "MoELayer: {} routed rows exceed the workspace", rows);
@@ -103,11 +109,34 @@ void MoELayer::run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws
   gather_rows(ws.plan, x, xe, threads, placement);
   experts_.run(ws.plan.offsets(), MatrixView<const float>(xe), ye, ws.experts, threads);
   combine_rows(ws.plan, ye, y, threads, placement);
-  detail::finish_layer(x, y, ws.routing, shared_, residual_, output_bias_, o.active,
+  detail::finish_layer(x, y, *routing, shared_, residual_, output_bias_, o.active,
                        {ws.max_tokens, &ws.scratch, &ws.extra, &ws.active_tokens}, threads);
 }
 
 namespace detail {
+
+void check_given_routing(const Routing& r, int64_t tokens, int64_t num_experts,
+                         std::string_view who) {
+  const auto n =
+      static_cast<size_t>(std::max<int64_t>(r.tokens, 0) * std::max<int64_t>(r.slots, 0));
+  MOQE_CHECK(r.tokens == tokens && r.num_experts == num_experts && r.slots > 0,
+             "{}: the given routing is for {} tokens over {} experts with {} slots, the layer "
+             "runs {} tokens over {} experts",
+             who, r.tokens, r.num_experts, r.slots, tokens, num_experts);
+  MOQE_CHECK(r.ids.size() >= n && r.weights.size() >= n && r.kept.size() >= n &&
+                 r.passthrough.size() >= static_cast<size_t>(tokens),
+             "{}: the given routing's buffers are smaller than [{}, {}] (make it with "
+             "Routing::reset)",
+             who, tokens, r.slots);
+  for (size_t s = 0; s < n; ++s) {
+    if (!r.kept[s]) continue;
+    MOQE_CHECK(r.ids[s] >= 0 && r.ids[s] < num_experts && std::isfinite(r.weights[s]),
+               "{}: slot {} of token {} of the given routing keeps expert {} (of {}) with weight "
+               "{}",
+               who, s % static_cast<size_t>(r.slots), s / static_cast<size_t>(r.slots), r.ids[s],
+               num_experts, r.weights[s]);
+  }
+}
 
 int64_t check_layer_tail(std::span<const SharedExpert> shared,
                          const std::optional<ResidualMLP>& residual, int64_t hidden,

@@ -155,6 +155,15 @@ inline void ep_check_step(const MoELayer& full, ExpertParallelMoELayer& ep, int 
     CHECK(ep_rel_diff(y_ep, y_full) < 1e-5);
   }
   CHECK(ws.routing.ids == ws_full.routing.ids);
+  {  // The full layer's routing given to the expert-parallel one (collective: every rank does).
+    MoeRunOptions given = o;
+    given.routing = &ws_full.routing;
+    auto ws_given = ep.make_workspace(64);
+    std::vector<float> y_given(x.size(), 5.0f);
+    ep.run(MatrixView<const float>(x.data(), t, h), MatrixView<float>(y_given.data(), t, h),
+           ws_given, given);
+    CHECK(y_given == y_ep);
+  }
   // Only kept slots of active tokens travel: the rows sent are the full layer's routed rows.
   int64_t sent = 0;
   for (const int64_t n : ws.stats.rows_to) sent += n;

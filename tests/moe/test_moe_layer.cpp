@@ -933,3 +933,72 @@ TEST_CASE("One const MoELayer run from 8 threads at once equals serial runs", "[
     REQUIRE(same_bits(parallel[i], serial[i]));
   }
 }
+
+namespace {
+
+// A router the library does not have: token t goes to experts t mod E and (t + 3) mod E with
+// weights 0.625 and 0.375 (a RouterLike type, used without forking the layer).
+struct RoundRobinRouter {
+  int64_t experts = 0;
+  void route(MatrixView<const float> x, Routing& out, const RouteOptions&) const {
+    out.reset(x.rows(), 2, experts);
+    for (int64_t t = 0; t < x.rows(); ++t) {
+      out.ids[t * 2] = static_cast<int32_t>(t % experts);
+      out.ids[t * 2 + 1] = static_cast<int32_t>((t + 3) % experts);
+      out.weights[t * 2] = 0.625f;
+      out.weights[t * 2 + 1] = 0.375f;
+      out.kept[t * 2] = out.kept[t * 2 + 1] = 1;
+    }
+  }
+};
+static_assert(RouterLike<RoundRobinRouter> && RouterLike<Router>);
+
+}  // namespace
+
+TEST_CASE("MoELayer runs on a given routing or with a custom router", "[moe][layer]") {
+  Spec s = spec("softmax_topk", rc(RouterKind::kSoftmaxTopK, 8, 2), 64, 96);
+  s.shared_i = 32;  // the tail runs on the given routing too
+  const Model m = make_model(s, MlpKind::kGlu, Activation::kSilu, 900);
+  const Inputs in = make_inputs(m, 19, 901);
+  const int64_t t = in.tokens, h = s.h;
+  const MatrixView<const float> x(in.x.data(), t, h);
+  MoeWorkspace ws = m.layer.make_workspace(t);
+  // The layer's own routing, given back: the same result, bit for bit.
+  std::vector<float> y0(in.x.size()), y1(in.x.size());
+  m.layer.run(x, MatrixView<float>(y0.data(), t, h), ws);
+  const Routing own = ws.routing;
+  MoeWorkspace ws2 = m.layer.make_workspace(t);
+  MoeRunOptions o;
+  o.routing = &own;
+  m.layer.run(x, MatrixView<float>(y1.data(), t, h), ws2, o);
+  CHECK(same_bits(y0, y1));
+  CHECK(ws2.routing.ids != own.ids);  // left as it was: the router did not run
+
+  // A custom router: y_t = 0.625 E_{t mod 8}(x_t) + 0.375 E_{t+3 mod 8}(x_t) + shared(x_t).
+  const RoundRobinRouter rr{8};
+  std::vector<float> y2(in.x.size());
+  m.layer.run(rr, x, MatrixView<float>(y2.data(), t, h), ws);
+  std::vector<double> ref(in.x.size());
+  for (int64_t i = 0; i < t; ++i) {
+    const float* xt = in.x.data() + i * h;
+    const auto a = ref_mlp(m.experts[static_cast<size_t>(i % 8)], xt);
+    const auto b = ref_mlp(m.experts[static_cast<size_t>((i + 3) % 8)], xt);
+    const auto c = ref_mlp(*m.shared, xt);
+    for (int64_t k = 0; k < h; ++k) ref[i * h + k] = 0.625 * a[k] + 0.375 * b[k] + c[k];
+  }
+  CHECK(rel_error(y2, ref) < 1e-5);
+  CHECK(ws.routing.ids[2] == 1);  // the custom router's routing is in ws.routing
+
+  // A given routing is checked against the run.
+  Routing bad = own;
+  bad.ids[5] = 8;
+  o.routing = &bad;
+  CHECK_THROWS_WITH(
+      m.layer.run(x, MatrixView<float>(y1.data(), t, h), ws2, o),
+      Catch::Contains("slot 1 of token 2 of the given routing keeps expert 8 (of 8)"));
+  Routing short_routing;
+  short_routing.reset(t - 1, 2, 8);
+  o.routing = &short_routing;
+  CHECK_THROWS_WITH(m.layer.run(x, MatrixView<float>(y1.data(), t, h), ws2, o),
+                    Catch::Contains("the given routing is for 18 tokens over 8 experts"));
+}

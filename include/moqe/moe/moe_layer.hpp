@@ -62,6 +62,19 @@ struct MoeRunOptions {
   std::span<const int64_t> sequence_lengths;  // Switch capacity per sequence
   int32_t task_id = 0;                        // task router
   std::span<const int32_t> task_ids;          // task router, per token
+  // A routing computed elsewhere (another router, one routing shared by several layers, a
+  // replay): the layer's own router does not run and ws.routing is left as it was. Its tokens
+  // and experts must be the layer's; any number of slots (Routing::reset sizes it); every kept
+  // slot names an expert with a finite weight (checked).
+  const Routing* routing = nullptr;
+};
+
+// Anything that routes like moqe::Router: MoELayer::run(router, ...) runs a layer with it
+// instead of the layer's own (a custom or learned router, without forking the layer).
+template <class R>
+concept RouterLike = requires(const R& r, MatrixView<const float> x, Routing& out,
+                              const RouteOptions& o) {
+  r.route(x, out, o);
 };
 
 class MoELayer {
@@ -93,6 +106,18 @@ class MoELayer {
   // and y must not alias (shared experts read x after the routed experts wrote y).
   void run(MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
            const RunOptions& options = {}) const;
+  // The same with `router` in place of the layer's own: it routes x into ws.routing (RouteOptions
+  // from `options`), then the layer runs on that routing.
+  template <RouterLike R>
+  void run(const R& router, MatrixView<const float> x, MatrixView<float> y, Workspace& ws,
+           const RunOptions& options = {}) const {
+    router.route(x, ws.routing,
+                 RouteOptions{options.num_threads, options.active, options.sequence_lengths,
+                              options.task_id, options.task_ids});
+    RunOptions with = options;
+    with.routing = &ws.routing;
+    run(x, y, ws, with);
+  }
   // The same on fp16 / bf16 hidden states: x is widened to fp32 once, the layer runs in fp32 and
   // y is rounded once, so the result is the fp32 run's on the widened x, rounded
   // (core/activations.hpp). No allocation: the workspace holds the fp32 copies.
