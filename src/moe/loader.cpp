@@ -660,6 +660,16 @@ std::optional<ExpertStack> expert_stack(const MoeConfig& c, std::string_view n,
   return std::nullopt;
 }
 
+QuantizedLinear load_linear(const Checkpoint& ckpt, std::string_view name, Numerics numerics) {
+  const std::string n(name);
+  MOQE_CHECK(has_weight(ckpt, n), "{}: missing tensor '{}'{}", ckpt.path().string(), n,
+             foreign_quantization(ckpt, name.substr(0, name.rfind('.'))));
+  const std::vector<int64_t> s = weight_shape(ckpt, n);
+  MOQE_CHECK(s.size() == 2, "{}: tensor '{}' has shape {}, not a matrix", ckpt.path().string(), n,
+             shape_to_string(s));
+  return load_linear(ckpt, n, s[0], s[1], numerics);
+}
+
 MoELayer load_moe_layer(const Checkpoint& ckpt, std::string_view prefix, const MoeConfig& c,
                         const LoadOptions& options) {
   MoeLayerParts parts = load_moe_parts(ckpt, prefix, c, options);

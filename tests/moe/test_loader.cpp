@@ -260,3 +260,32 @@ TEST_CASE("broken checkpoints and configs are errors naming the tensor, key and 
       load_moe_layer(Checkpoint(dir / "ds"), "model.layers.0.mlp", dc),
       Catch::Contains("missing tensor 'model.layers.0.mlp.shared_experts.gate_proj.weight'"));
 }
+
+TEST_CASE("load_linear reads one weight in any storage, with its shape", "[moe][loader]") {
+  test::TempDir dir;
+  SyntheticMoeSpec s;
+  s.hidden = 64;
+  s.intermediate = 32;
+  s.experts = 2;
+  write_synthetic_moe(dir.path(), s);
+  ConvertOptions q;
+  q.bits = 8;
+  q.group_policy = GroupPolicy::kPerChannel;
+  q.include_regex = "o_proj";
+  quantize_checkpoint(Checkpoint(dir.path()), dir / "q.safetensors", q);
+  const Checkpoint bf(dir.path()), qc(dir / "q.safetensors");
+  const std::string o = "model.layers.0.self_attn.o_proj.weight";
+  const QuantizedLinear a = load_linear(bf, o), b = load_linear(qc, o);
+  CHECK(a.storage() == WeightStorage::kBF16);
+  CHECK(b.storage() == WeightStorage::kQuantized);
+  CHECK((b.out_features() == 64 && b.in_features() == 64 && b.scheme().bits == 8));
+  // The quantized layer is its dequantized weights, exactly.
+  const QuantizedMatrix m = load_quantized(qc, o);
+  std::vector<float> row(64);
+  b.decode_row(7, row.data());
+  for (int64_t c = 0; c < 64; ++c) CHECK(row[static_cast<size_t>(c)] == m.at(7, c));
+  CHECK_THROWS_WITH(load_linear(bf, "model.layers.0.self_attn.q_proj.weight"),
+                    Catch::Contains("missing tensor 'model.layers.0.self_attn.q_proj.weight'"));
+  CHECK_THROWS_WITH(load_linear(bf, "model.layers.0.post_attention_layernorm.weight"),
+                    Catch::Contains("not a matrix"));
+}

@@ -68,6 +68,12 @@ struct LoadOptions {
   bool allow_unused_tensors = false;
 };
 
+// One 2-D weight of a checkpoint as a layer, whatever its storage: moqe-quantized or another
+// tool's (GPTQ, AWQ, compressed-tensors: docs/formats.md) with `numerics`, F16/BF16 kept at 16
+// bits, F32 or FP8 as fp32. For the projections around the MoE layers (attention, dense MLPs).
+QuantizedLinear load_linear(const Checkpoint& ckpt, std::string_view name,
+                            Numerics numerics = Numerics::kExact);
+
 // The layer at `prefix` (e.g. "model.layers.0.block_sparse_moe" or "model.layers.1.mlp").
 // A missing or mis-shaped tensor is an error naming it and both shapes. Quantized weights are
 // checked (a non-finite scale is an error naming row and group); unquantized ones are loaded as
