@@ -232,7 +232,8 @@ void add_inspect(CLI::App& app, Action& action) {
 
 void add_quantize(CLI::App& app, Action& action) {
   struct Opts {
-    std::string input, output, mode = "sym", group = "default", scale = "f16", report;
+    std::string input, output, mode = "auto", method = "auto", group = "default", scale = "f16",
+                               report;
     std::string config, family = "auto";
     std::string include{default_include_regex()}, exclude;
     int bits = 0, threads = 0;
@@ -247,7 +248,14 @@ void add_quantize(CLI::App& app, Action& action) {
   cmd->add_option("--output", o->output, "output .safetensors file (written atomically)")
       ->required();
   cmd->add_option("--bits", o->bits, "bit width: 2, 3, 4 or 8")->required();
-  cmd->add_option("--mode", o->mode, "sym | sym_full | asym")->capture_default_str();
+  cmd->add_option("--mode", o->mode,
+                  "sym | sym_full | asym, or auto: asym at 2 and 3 bits, sym at 4 and 8")
+      ->capture_default_str();
+  cmd->add_option("--method", o->method,
+                  "how scales and zero points are chosen: rtn (round to nearest), search "
+                  "(clipping search + least squares), hqq, or auto: search at 2 and 3 bits, rtn "
+                  "at 4 and 8")
+      ->capture_default_str();
   cmd->add_option("--group-size", o->group,
                   "G (a multiple of 32 dividing K), channel, adaptive, or default (128 where it "
                   "divides K, else channel)")
@@ -272,9 +280,16 @@ void add_quantize(CLI::App& app, Action& action) {
     action = [o] {
       ConvertOptions c;
       c.bits = o->bits;
-      auto mode = parse_quant_mode(o->mode);
-      MOQE_CHECK(mode.has_value(), "unknown --mode '{}'; supported: sym, sym_full, asym", o->mode);
-      c.mode = *mode;
+      if (o->mode != "auto") {
+        c.mode = parse_quant_mode(o->mode);
+        MOQE_CHECK(c.mode.has_value(), "unknown --mode '{}'; supported: auto, sym, sym_full, asym",
+                   o->mode);
+      }
+      if (o->method != "auto") {
+        c.method = parse_quant_method(o->method);
+        MOQE_CHECK(c.method.has_value(), "unknown --method '{}'; supported: auto, rtn, search, hqq",
+                   o->method);
+      }
       auto scale = parse_scale_type(o->scale);
       MOQE_CHECK(scale.has_value(), "unknown --scale-dtype '{}'; supported: f16, f32", o->scale);
       c.scale_type = *scale;
@@ -335,7 +350,28 @@ void add_quantize(CLI::App& app, Action& action) {
           input, o->output, c, [&progress](const ConvertProgress& p) { progress(p); });
       progress.clear();
       if (!o->report.empty()) write_text_atomically(o->report, report_to_json(r));
+      // A weight error this large is more noise than signal in the layer's output: say so.
+      const TensorReport* worst = nullptr;
+      int64_t noisy = 0;
+      for (const TensorReport& x : r.tensors) {
+        if (!x.quantized || x.kept || x.error.rel_frobenius < 0.5) continue;
+        ++noisy;
+        if (worst == nullptr || x.error.rel_frobenius > worst->error.rel_frobenius) worst = &x;
+      }
+      if (worst != nullptr) {
+        std::fprintf(stderr,
+                     "moqe: warning: %lld quantized tensor(s) have a relative error of 0.5 or "
+                     "more (largest %.3f, '%s', %s): their layers' outputs will be mostly noise; "
+                     "use more bits or smaller groups\n",
+                     static_cast<long long>(noisy), worst->error.rel_frobenius, worst->name.c_str(),
+                     worst->scheme.to_string().c_str());
+      }
       if (!o->quiet) {
+        const QuantMode mode = c.mode.value_or(default_mode(c.bits));
+        const QuantMethod method = c.method.value_or(default_method(c.bits));
+        std::printf("%d bits, mode %s%s, method %s%s\n", c.bits,
+                    std::string(to_string(mode)).c_str(), c.mode ? "" : " (default)",
+                    std::string(to_string(method)).c_str(), c.method ? "" : " (default)");
         if (family) {
           std::printf("family %s (from %s)\n", std::string(to_string(family->family)).c_str(),
                       config.string().c_str());

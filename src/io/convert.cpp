@@ -26,9 +26,12 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+QuantMode mode_of(const ConvertOptions& o) { return o.mode.value_or(default_mode(o.bits)); }
+QuantMethod method_of(const ConvertOptions& o) { return o.method.value_or(default_method(o.bits)); }
+
 // Group size for a K under a fixed policy; an error naming the tensor when it does not divide K.
 QuantScheme scheme_for(const ConvertOptions& o, const std::string& name, int64_t k) {
-  QuantScheme s{o.bits, o.mode, kPerChannel, o.scale_type};
+  QuantScheme s{o.bits, mode_of(o), kPerChannel, o.scale_type};
   switch (o.group_policy) {
     case GroupPolicy::kDefault:
       s.group_size = (k % 128 == 0) ? 128 : kPerChannel;
@@ -76,7 +79,7 @@ int64_t choose_stack_group(const Checkpoint& input, const std::string& name,
     for (size_t i = 0; i < sizes.size(); ++i) {
       QuantScheme s = base;
       s.group_size = sizes[i] == k ? kPerChannel : sizes[i];
-      const double rel = relative_error(view, s, o.num_threads);
+      const double rel = relative_error(view, s, o.num_threads, method_of(o));
       err2[i] += rel * rel * a2;
     }
   }
@@ -102,6 +105,12 @@ void copy_metadata(const Checkpoint& input, SafetensorsWriter& writer, bool keep
 
 }  // namespace
 
+QuantMode default_mode(int bits) { return bits <= 3 ? QuantMode::kAsym : QuantMode::kSym; }
+
+QuantMethod default_method(int bits) {
+  return bits <= 3 ? QuantMethod::kSearch : QuantMethod::kRtn;
+}
+
 std::string_view default_include_regex() {
   return R"((^|\.)experts\.(\d+|expert_\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj|wi|wo)\.weight$)"
          R"(|(^|\.)experts\.(gate_up_proj|down_proj)$)"
@@ -116,7 +125,7 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
   const bool has_exclude = !o.exclude_regex.empty();
   const std::regex exclude =
       has_exclude ? compile_regex(o.exclude_regex, "--exclude") : std::regex();
-  QuantScheme probe{o.bits, o.mode, kPerChannel, o.scale_type};
+  QuantScheme probe{o.bits, mode_of(o), kPerChannel, o.scale_type};
   validate_scheme(probe, 1, "quantize");  // bits and mode, before any work
 
   SafetensorsWriter writer;
@@ -212,7 +221,7 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
         const DenseWeight w = load_expert_f32(input, name, *stack, e);
         const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
         const std::string what = fmt::format("{} (expert {})", name, e);
-        const QuantizeOptions qo{o.num_threads, what};
+        const QuantizeOptions qo{o.num_threads, what, method_of(o)};
         QuantizedMatrix q = quantize(view, scheme, qo);
         const ErrorStats es = quantization_error(view, q, o.num_threads);
         double n2 = 0;
@@ -223,6 +232,7 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
         experts.push_back(std::move(q));
       }
       r.quantized = true;
+      r.method = method_of(o);
       r.scheme = experts[0].scheme();
       r.group_size = experts[0].group_size();
       r.error.rel_frobenius = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
@@ -239,7 +249,7 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
     } else if (quantize_it) {
       const DenseWeight w = load_weight_f32(input, name, o.num_threads);
       const MatrixView<const float> view(w.values.data(), w.rows, w.cols);
-      const QuantizeOptions qo{o.num_threads, name};
+      const QuantizeOptions qo{o.num_threads, name, method_of(o)};
       QuantizedMatrix q;
       if (o.group_policy == GroupPolicy::kAdaptive) {
         AdaptiveResult a = quantize_adaptive(view, scheme_for(o, name, w.cols), o.adaptive, qo);
@@ -251,6 +261,7 @@ ConvertReport quantize_checkpoint(const Checkpoint& input, const std::filesystem
         q = quantize(view, scheme_for(o, name, w.cols), qo);
       }
       r.quantized = true;
+      r.method = method_of(o);
       r.scheme = q.scheme();
       r.group_size = q.group_size();
       r.error = quantization_error(view, q, o.num_threads);
@@ -352,6 +363,7 @@ std::string report_to_json(const ConvertReport& report) {
     if (r.quantized) {
       t["bits"] = r.scheme.bits;
       t["mode"] = std::string(to_string(r.scheme.mode));
+      if (!r.kept) t["method"] = std::string(to_string(r.method));
       t["group_size"] = r.group_size;
       t["scale_dtype"] = std::string(to_string(r.scheme.scale_type));
       t["bits_per_weight"] = r.bits_per_weight;

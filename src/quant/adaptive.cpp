@@ -4,12 +4,15 @@
 #include <cmath>
 #include <limits>
 
+#include "methods.hpp"
 #include "moqe/core/threading.hpp"
 #include "moqe/quant/numerics.hpp"
 
 namespace moqe {
 
-double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int num_threads) {
+double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int num_threads,
+                      QuantMethod method) {
+  const detail::GroupQuantizer choose = detail::group_quantizer(method);
   validate_scheme(scheme, w.cols(), "relative_error");
   const int64_t k = w.cols(), g = scheme.resolved_group_size(k);
   std::vector<double> ref2(static_cast<size_t>(w.rows())), err2(ref2.size());
@@ -21,7 +24,7 @@ double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int 
       for (int64_t j = 0; j < k / g; ++j) {
         const float* grp = row + j * g;
         const GroupParams p =
-            quantize_group(grp, g, scheme.bits, scheme.mode, scheme.scale_type, codes.data());
+            choose(grp, g, scheme.bits, scheme.mode, scheme.scale_type, codes.data());
         for (int64_t i = 0; i < g; ++i) {
           const double d = static_cast<double>(grp[i]) - dequantize_code(codes[i], p.zero, p.scale);
           a2 += static_cast<double>(grp[i]) * grp[i];
@@ -68,7 +71,7 @@ AdaptiveResult quantize_adaptive(MatrixView<const float> w, const QuantScheme& b
     QuantScheme s = base;
     s.group_size = g == k ? kPerChannel : g;
     result.candidates.push_back(
-        {g, relative_error(w, s, options.num_threads), s.bits_per_weight(k)});
+        {g, relative_error(w, s, options.num_threads, options.method), s.bits_per_weight(k)});
   }
   const double finest = result.candidates.back().rel_error;
   result.threshold = adaptive.error_budget ? *adaptive.error_budget : (1.0 + adaptive.tau) * finest;

@@ -5,6 +5,7 @@
 #include <limits>
 #include <mutex>
 
+#include "methods.hpp"
 #include "moqe/core/threading.hpp"
 #include "moqe/quant/numerics.hpp"
 
@@ -196,7 +197,8 @@ void check_finite(MatrixView<const float> w, std::string_view name, int num_thre
 }
 
 QuantizedMatrix quantize_impl(MatrixView<const float> w, const QuantScheme& scheme, int threads,
-                              std::string_view name) {
+                              std::string_view name, QuantMethod method) {
+  const detail::GroupQuantizer choose = detail::group_quantizer(method);
   validate_scheme(scheme, w.cols(),
                   fmt::format("tensor '{}' of shape [{}, {}]", name, w.rows(), w.cols()));
   check_finite(w, name, threads);
@@ -216,8 +218,8 @@ QuantizedMatrix quantize_impl(MatrixView<const float> w, const QuantScheme& sche
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = w.row(r);
       for (int64_t j = 0; j < ng; ++j) {
-        const GroupParams p = quantize_group(row + j * g, g, scheme.bits, scheme.mode,
-                                             scheme.scale_type, codes.data() + j * g);
+        const GroupParams p = choose(row + j * g, g, scheme.bits, scheme.mode, scheme.scale_type,
+                                     codes.data() + j * g);
         if (!std::isfinite(p.scale)) {
           std::lock_guard<std::mutex> lock(m);
           bad = std::min(bad, r * ng + j);
@@ -242,7 +244,26 @@ QuantizedMatrix quantize_impl(MatrixView<const float> w, const QuantScheme& sche
 
 QuantizedMatrix quantize(MatrixView<const float> w, const QuantScheme& scheme,
                          const QuantizeOptions& options) {
-  return quantize_impl(w, scheme, options.num_threads, options.name);
+  return quantize_impl(w, scheme, options.num_threads, options.name, options.method);
+}
+
+std::string_view to_string(QuantMethod m) {
+  switch (m) {
+    case QuantMethod::kRtn:
+      return "rtn";
+    case QuantMethod::kSearch:
+      return "search";
+    case QuantMethod::kHqq:
+      return "hqq";
+  }
+  return "?";
+}
+
+std::optional<QuantMethod> parse_quant_method(std::string_view s) {
+  for (const QuantMethod m : {QuantMethod::kRtn, QuantMethod::kSearch, QuantMethod::kHqq}) {
+    if (s == to_string(m)) return m;
+  }
+  return std::nullopt;
 }
 
 namespace {

@@ -248,3 +248,44 @@ TEST_CASE("cli: moe-forward runs a layer and reports its routing", "[cli]") {
     CHECK_FALSE(std::filesystem::exists(dir / "bad.safetensors"));
   }
 }
+
+TEST_CASE("cli: the width picks the default mode and method, and noisy results are named",
+          "[cli]") {
+  test::TempDir dir;
+  SyntheticMoeSpec s = spec();
+  s.shards = 1;
+  write_synthetic_moe(dir.path() / "in", s);
+  const std::string in = (dir.path() / "in").string();
+  auto quantize = [&](const std::string& args) {
+    return moqe_cli(dir, "quantize --input " + in + " --output " +
+                             (dir / "q.safetensors").string() + " --report " +
+                             (dir / "r.json").string() + " " + args);
+  };
+  Run r = quantize("--bits 3");
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.out, Catch::Contains("3 bits, mode asym (default), method search (default)"));
+  CHECK_THAT(r.out, Catch::Contains("int3 asym"));
+  auto report = nlohmann::json::parse(slurp(dir / "r.json"));
+  for (const auto& t : report["tensors"]) {
+    if (t.contains("bits")) CHECK(t["method"] == "search");
+  }
+  r = quantize("--bits 4");
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.out, Catch::Contains("4 bits, mode sym (default), method rtn (default)"));
+  r = quantize("--bits 3 --mode sym --method rtn");
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.out, Catch::Contains("3 bits, mode sym, method rtn\n"));
+  // 2-bit sym has three levels: the relative error passes 0.5 and the tool says so.
+  r = quantize("--bits 2 --mode sym --method rtn --quiet");
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.err, Catch::Contains("moqe: warning: 6 quantized tensor(s) have a relative error of "
+                                    "0.5 or more") &&
+                        Catch::Contains("int2 sym"));
+  r = quantize("--bits 2 --quiet");  // the default (asym, search) stays under it here
+  REQUIRE(r.status == 0);
+  CHECK(r.err.find("warning") == std::string::npos);
+  r = quantize("--bits 3 --method lloyd");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.err, Catch::Contains("unknown --method 'lloyd'; supported: auto, rtn, search, hqq"));
+}

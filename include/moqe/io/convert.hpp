@@ -37,9 +37,16 @@ std::string_view default_include_regex();
 using ExpertStackFn = std::function<std::optional<ExpertStack>(std::string_view name,
                                                                std::span<const int64_t> shape)>;
 
+// The defaults that depend on the width (docs/design.md, "Quantization methods"): at 2 and 3 bits
+// asym levels chosen by the search (sym's 3 or 7 levels and round-to-nearest lose too much
+// there), at 4 and 8 bits sym with round-to-nearest (the reference numerics).
+QuantMode default_mode(int bits);
+QuantMethod default_method(int bits);
+
 struct ConvertOptions {
   int bits = 4;
-  QuantMode mode = QuantMode::kSym;
+  std::optional<QuantMode> mode;      // unset: default_mode(bits)
+  std::optional<QuantMethod> method;  // unset: default_method(bits)
   ScaleType scale_type = ScaleType::kF16;
   GroupPolicy group_policy = GroupPolicy::kDefault;
   int64_t group_size = 128;                            // for kFixed
@@ -57,9 +64,10 @@ struct TensorReport {
   std::vector<int64_t> shape;
   std::string input_dtype;
   bool quantized = false;
-  QuantScheme scheme;      // when quantized
-  int64_t group_size = 0;  // resolved, when quantized
-  ErrorStats error;        // when quantized
+  QuantScheme scheme;                      // when quantized
+  QuantMethod method = QuantMethod::kRtn;  // when quantized (not kept)
+  int64_t group_size = 0;                  // resolved, when quantized
+  ErrorStats error;                        // when quantized
   int64_t bytes_in = 0;
   int64_t bytes_out = 0;
   double bits_per_weight = 0;  // exact, from bytes_out

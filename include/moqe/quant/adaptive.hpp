@@ -39,6 +39,7 @@ AdaptiveResult quantize_adaptive(MatrixView<const float> w, const QuantScheme& b
                                  const QuantizeOptions& options = {});
 
 // Relative Frobenius error e(G) of quantizing w with `scheme`, without keeping the result.
-double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int num_threads = 0);
+double relative_error(MatrixView<const float> w, const QuantScheme& scheme, int num_threads = 0,
+                      QuantMethod method = QuantMethod::kRtn);
 
 }  // namespace moqe

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -14,6 +15,16 @@
 #include "moqe/quant/scheme.hpp"
 
 namespace moqe {
+
+// How each group's scale and zero point are chosen (docs/design.md, "Quantization methods"). The
+// result is moqe's format whatever the method; only the numbers differ.
+enum class QuantMethod : uint8_t {
+  kRtn,     // round to nearest from the group's range (max |w|, or min and max): the reference
+  kSearch,  // clipping search with a least-squares refinement (never worse than kRtn per group)
+  kHqq,     // HQQ's proximal optimization of the zero point (asym; sym modes: as kRtn)
+};
+std::string_view to_string(QuantMethod m);
+std::optional<QuantMethod> parse_quant_method(std::string_view s);
 
 class QuantizedMatrix {
  public:
@@ -83,7 +94,7 @@ class QuantizedMatrix {
 
  private:
   friend QuantizedMatrix quantize_impl(MatrixView<const float>, const QuantScheme&, int,
-                                       std::string_view);
+                                       std::string_view, QuantMethod);
   int64_t rows_ = 0;
   int64_t cols_ = 0;
   QuantScheme scheme_{};
@@ -98,6 +109,7 @@ class QuantizedMatrix {
 struct QuantizeOptions {
   int num_threads = 0;               // 0: default_num_threads()
   std::string_view name = "matrix";  // the tensor name used in error messages
+  QuantMethod method = QuantMethod::kRtn;
 };
 
 // Quantizes w [N, K] with the scalar reference (multithreaded over rows). Throws moqe::Error
